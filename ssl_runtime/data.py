@@ -1,0 +1,166 @@
+"""Dataset paths, ImageFolder loading that survives broken files, and distributed loaders."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from . import device as devices
+from .distributed import DistContext
+from .errors import UserError
+
+MAX_BAD_FRACTION = 0.01  # more unreadable images than this is a broken dataset, not bad luck
+MIN_SEEN_FOR_RATIO = 200  # judge the fraction only once enough images have been tried
+MAX_CONSECUTIVE_BAD = 50
+
+
+def default_dataset_root() -> Path:
+    """The bundled default: Fashion-MNIST in ImageFolder layout, converted on first use."""
+    from .fashion_mnist import ensure_fashion_mnist
+
+    return ensure_fashion_mnist()
+
+
+def _has_images(folder: Path) -> bool:
+    for _, _, files in os.walk(folder):
+        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+def resolve_data_path(path: str | os.PathLike | None, need: Sequence[str] = ("train",),
+                      flag: str = "--data_path") -> Path:
+    """Check a dataset root before any expensive work; None means the default dataset."""
+    if path is None or str(path) == "":
+        root = default_dataset_root()
+    else:
+        root = Path(path).expanduser()
+    if not root.exists():
+        raise UserError(f"{flag} {root} does not exist: point it at an ImageFolder dataset root "
+                        f"that holds {' and '.join(f'{n}/' for n in need)}<class>/<image> "
+                        "(or leave it out to use the default Fashion-MNIST)")
+    if not root.is_dir():
+        raise UserError(f"{flag} {root} is a file, not a folder: pass the dataset root folder "
+                        f"that contains {' and '.join(f'{n}/' for n in need)}")
+    for split in need:
+        folder = root / split
+        if not folder.is_dir():
+            found = sorted(p.name for p in root.iterdir() if p.is_dir())[:8]
+            raise UserError(f"{flag} {root} has no {split}/ folder (found: {found or 'nothing'}): "
+                            f"the layout must be {root}/{split}/<class>/<image>")
+        if not _has_images(folder):
+            raise UserError(f"{folder} contains no images ({', '.join(IMG_EXTENSIONS[:4])}, ...): "
+                            f"put class folders with images under it")
+    return root
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any PIL-readable image as 8-bit RGB (grayscale, palette, CMYK and 16-bit included)."""
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        image.load()
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # convert('RGB') would clip 16-bit / float values; rescale to 0..255 first
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
+        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+class SafeImageFolder(ImageFolder):
+    """ImageFolder that skips unreadable files with a one-line warning instead of dying.
+
+    A skipped sample is replaced by the next readable one, so batches keep their size. Too many
+    broken files (over MAX_BAD_FRACTION of those tried) stop the run with a clear error.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
+                 max_bad_fraction: float = MAX_BAD_FRACTION):
+        kwargs = {"loader": load_rgb}
+        if "allow_empty" in inspect.signature(ImageFolder.__init__).parameters:
+            kwargs["allow_empty"] = True  # an empty class folder is legal; warned about below
+        try:
+            super().__init__(str(root), transform=transform, **kwargs)
+        except FileNotFoundError as exc:
+            raise UserError(f"cannot read {root} as an ImageFolder dataset: {exc}") from None
+        empty = sorted(set(self.classes) - {self.classes[t] for t in set(self.targets)})
+        if empty:
+            warnings.warn(f"{root}: class folder(s) without images: {', '.join(empty[:10])}")
+        if not self.samples:
+            raise UserError(f"{root} contains no images: put class folders with images under it")
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_files: list[str] = []
+        self.tried = 0
+
+    def __getitem__(self, index: int):
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            self.tried += 1
+            try:
+                image = self.loader(path)
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                self._record_bad(path, exc)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return image, target
+        raise UserError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near {path}: "
+                        f"the dataset under {self.root} looks broken; check or re-extract it")
+
+    def _record_bad(self, path: str, exc: Exception) -> None:
+        self.bad_files.append(path)
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        print(f"warning: skipping unreadable image {path} ({reason}); "
+              f"{len(self.bad_files)} skipped so far", flush=True)
+        if self.tried >= MIN_SEEN_FOR_RATIO and len(self.bad_files) > self.max_bad_fraction * self.tried:
+            raise UserError(f"{len(self.bad_files)} of {self.tried} images could not be read "
+                            f"(more than {self.max_bad_fraction:.0%}) under {self.root}: "
+                            "the dataset looks broken; check or re-extract it")
+
+
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int, ctx: DistContext,
+                 shuffle: bool = True, drop_last: bool = True, collate_fn: Callable | None = None,
+                 prefetch_factor: int = 2) -> DataLoader:
+    """A DataLoader sharded across ranks, with pinned memory and persistent workers."""
+    if batch_size <= 0:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise UserError(f"number of data workers must be >= 0, got {num_workers}")
+    if drop_last and len(dataset) < batch_size * ctx.world_size:  # type: ignore[arg-type]
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "  # type: ignore[arg-type]
+                        f"({batch_size} x {ctx.world_size} ranks): lower the batch size")
+    if ctx.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle)
+    else:
+        sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last, collate_fn=collate_fn, **devices.loader_kwargs(ctx.device),
+                      **extra)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reshuffle a distributed sampler for a new epoch (a no-op for plain samplers)."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+
+
+def class_count(dataset: Dataset) -> int:
+    classes = getattr(dataset, "classes", None)
+    if classes is None:
+        raise UserError("the dataset does not expose its classes")
+    return len(classes)
+

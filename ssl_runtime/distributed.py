@@ -1,0 +1,194 @@
+"""Process-group set-up and collective helpers that are correct at world size 1 and N.
+
+Launch styles understood, in this order:
+  * torchrun / torch.distributed.launch: RANK, WORLD_SIZE, LOCAL_RANK in the environment;
+  * SLURM (srun): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID;
+  * a plain `python script.py` (optionally with the legacy --local_rank N): world size 1 and no
+    process group at all (upstream DINO refuses to run like this; we don't).
+The backend follows the device: hccl on NPU, nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import device as devices
+from .errors import UserError
+
+TIMEOUT_ENV = "SSL_DIST_TIMEOUT_MIN"
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    device_type: str
+    backend: str
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def add_launcher_args(parser: argparse.ArgumentParser) -> None:
+    """The legacy launcher flags (both spellings) and upstream DINO's --dist_url."""
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
+                        help="set by torch.distributed.launch; torchrun uses LOCAL_RANK instead")
+    parser.add_argument("--dist_url", default="env://",
+                        help="url used to set up distributed training (env:// reads MASTER_ADDR/PORT)")
+
+
+def _slurm_master_addr() -> str:
+    nodes = os.environ.get("SLURM_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    if not nodes:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodes.split(",")[0].split("[")[0]
+
+
+def launch_environment(local_rank_flag: int = -1) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the launcher's environment."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local = int(env.get("LOCAL_RANK", local_rank_flag if local_rank_flag >= 0 else 0))
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), local
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", "29500")
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, max(local_rank_flag, 0)
+
+
+def init_distributed(device_request: str | None = "auto", local_rank: int = -1,
+                     dist_url: str = "env://") -> DistContext:
+    """Pick the device, bind this rank to it and join the process group when world size > 1."""
+    kind = devices.resolve_device(device_request)
+    rank, world_size, local = launch_environment(local_rank)
+    device = devices.bind_device(kind, local)
+    backend = devices.backend_for(kind)
+    distributed = world_size > 1
+    if distributed and not dist.is_initialized():
+        if dist_url == "env://" and "MASTER_ADDR" not in os.environ:
+            raise UserError("world size > 1 but MASTER_ADDR is not set: launch with torchrun "
+                            "(e.g. torchrun --nproc_per_node=8 ...) or set MASTER_ADDR/MASTER_PORT")
+        minutes = float(os.environ.get(TIMEOUT_ENV, "30"))
+        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size,
+                                rank=rank, timeout=datetime.timedelta(minutes=minutes))
+        dist.barrier()
+    devices.set_fast_math(kind)
+    return DistContext(rank, world_size, local, device, kind, backend, distributed)
+
+
+def single_process_context(device_request: str | None = "cpu") -> DistContext:
+    """A world-size-1 context without touching the environment (tools, tests)."""
+    kind = devices.resolve_device(device_request)
+    return DistContext(0, 1, 0, devices.bind_device(kind, 0), kind, devices.backend_for(kind), False)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place; identity at world size 1."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """Average over ranks in place; identity at world size 1."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+    return tensor
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate equally-shaped tensors from every rank in rank order (no gradient)."""
+    if not is_dist():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+@torch.no_grad()
+def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0 tensors whose first dimension differs between ranks."""
+    if not is_dist():
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [int(s) for s in all_gather_cat(size).tolist()]
+    padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = all_gather_cat(padded)
+    chunks = [gathered[i * max(sizes): i * max(sizes) + n] for i, n in enumerate(sizes)]
+    return torch.cat(chunks)
+
+
+def all_gather_object(obj) -> list:
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext, **kwargs) -> torch.nn.Module:
+    """DistributedDataParallel when running distributed, the bare model otherwise."""
+    if not ctx.distributed:
+        return model
+    device_ids = None if ctx.device_type == "cpu" else [ctx.local_rank]
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **kwargs)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """SyncBatchNorm across ranks when distributed on an accelerator.
+
+    torch's SyncBatchNorm has no CPU kernel, so a gloo (CPU) run keeps per-rank BatchNorm.
+    """
+    if ctx.distributed and ctx.device_type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module
+
+
+def shutdown() -> None:
+    if is_dist():
+        dist.destroy_process_group()

@@ -1,0 +1,50 @@
+"""Rank-aware logging: console on rank 0 only, one file per rank."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import sys
+
+# Upstream MoBY's record format (logger.py), kept so that existing log parsers keep working.
+MOBY_FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s"
+
+
+def setup_logger(name: str, output_dir: str | None = None, rank: int = 0, fmt: str | None = None,
+                 filename: str | None = None) -> logging.Logger:
+    """A logger writing to stdout on rank 0 and to <output_dir>/<filename> on every rank."""
+    fmt = fmt or MOBY_FORMAT
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    for handler in list(logger.handlers):  # calling twice (tests, resume) must not duplicate lines
+        logger.removeHandler(handler)
+        handler.close()
+    formatter = logging.Formatter(fmt, datefmt="%Y-%m-%d %H:%M:%S")
+    if rank == 0:
+        console = logging.StreamHandler(sys.stdout)
+        console.setLevel(logging.DEBUG)
+        console.setFormatter(formatter)
+        logger.addHandler(console)
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, filename or f"log_rank{rank}.txt")
+        file_handler = logging.FileHandler(path, mode="a")
+        file_handler.setLevel(logging.DEBUG)
+        file_handler.setFormatter(formatter)
+        logger.addHandler(file_handler)
+    return logger
+
+
+def silence_non_main(is_main: bool) -> None:
+    """Make print() a no-op on ranks other than 0 (as upstream DINO does); print(..., force=True)
+    still prints everywhere."""
+    original = builtins.print
+
+    def rank_print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_main or force:
+            original(*args, **kwargs)
+
+    builtins.print = rank_print
