@@ -1,0 +1,90 @@
+"""Loading backbone weights from our checkpoints and from official DINO files.
+
+Accepted inputs (what upstream's load_pretrained_weights accepts, but checked):
+  * a full training checkpoint ({'student', 'teacher', ...}): the `checkpoint_key` entry is used,
+    `module.` (DDP) and `backbone.` (multi-crop wrapper) prefixes are removed and the DINO
+    projection head (`head.*`) is dropped on purpose;
+  * a plain backbone state dict in the official layout (`cls_token`, `pos_embed`,
+    `patch_embed.proj.*`, `blocks.N.*`, `norm.*` for ViTs; torchvision names for ResNet-50),
+    which matches timm's modules 1:1.
+Every other mismatch is reported as a UserError: never a silent partial load.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, strip_prefixes
+from ssl_runtime.errors import UserError
+
+WRAPPER_PREFIXES = ("module.", "backbone.")
+HEAD_PREFIX = "head."
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def select_state_dict(checkpoint: Mapping, checkpoint_key: str | None, source: str) -> dict:
+    """The tensors to load: checkpoint[checkpoint_key] for a full checkpoint, else the file itself."""
+    if checkpoint_key and checkpoint_key in checkpoint:
+        print(f"Take key {checkpoint_key} in provided checkpoint dict")
+        state = checkpoint[checkpoint_key]
+    else:
+        state = checkpoint
+    if not _is_state_dict(state):
+        keys = ", ".join(sorted(str(k) for k in checkpoint)[:10])
+        raise UserError(f"{source} is neither a state dict nor holds --checkpoint_key "
+                        f"{checkpoint_key!r} (its top-level keys: {keys}); pass --checkpoint_key "
+                        "teacher or student for a DINO training checkpoint")
+    return dict(state)
+
+
+def backbone_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """Strip wrapper prefixes and drop the projection head; returns (backbone state, dropped keys)."""
+    state = strip_prefixes(state, WRAPPER_PREFIXES)
+    dropped = [k for k in state if k.startswith(HEAD_PREFIX)]
+    return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}, dropped
+
+
+def adapt_pos_embed(model: nn.Module, state: dict) -> bool:
+    """Resample a ViT position embedding trained at another resolution to the model's grid."""
+    target = getattr(model, "pos_embed", None)
+    source = state.get("pos_embed")
+    if target is None or source is None or source.shape == target.shape:
+        return False
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    if source.ndim != 3 or source.shape[-1] != target.shape[-1]:
+        return False  # a different width: let the checked load report it
+    grid = model.patch_embed.grid_size
+    state["pos_embed"] = resample_abs_pos_embed(source, new_size=list(grid), num_prefix_tokens=prefix)
+    return True
+
+
+def load_pretrained_backbone(model: nn.Module, path: str, checkpoint_key: str | None = "teacher") -> None:
+    """Load backbone weights into a timm backbone, explaining any mismatch."""
+    if not os.path.isfile(path):
+        raise UserError(f"--pretrained_weights {path} does not exist or is not a file: "
+                        "point it at a checkpoint.pth written by main_dino.py or an official DINO file")
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, Mapping):
+        raise UserError(f"{path} does not hold a state dict (found {type(checkpoint).__name__})")
+    state, dropped = backbone_state_dict(select_state_dict(checkpoint, checkpoint_key, path))
+    resampled = adapt_pos_embed(model, state)
+    load_state_dict_checked(model, state, what=f"backbone weights in {path}")
+    notes = [f"{len(state)} tensors"]
+    if dropped:
+        notes.append(f"dropped {len(dropped)} projection-head tensors")
+    if resampled:
+        notes.append("position embedding resampled to the model's grid")
+    print(f"Pretrained weights found at {path} and loaded: {', '.join(notes)}")
+
+
+def load_training_state(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load a whole student/teacher (backbone + head) saved with or without a DDP `module.` prefix."""
+    load_state_dict_checked(module, strip_prefixes(state, ("module.",)), what=what)

@@ -1,0 +1,389 @@
+"""DINO self-supervised pretraining (facebookresearch/dino main_dino.py) on NPU, GPU or CPU.
+
+Run from the repository root:
+    python dino/main_dino.py --data_path /path/to/imagenet --output_dir out [flags]
+    torchrun --nproc_per_node=8 dino/main_dino.py ...
+Rerunning the same command resumes from <output_dir>/checkpoint.pth.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python dino/main_dino.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from dino.augment import DataAugmentationDINO  # noqa: E402
+from dino.checkpoints import load_training_state  # noqa: E402
+from dino.loss import DINOLoss  # noqa: E402
+from dino.models import build_dino_networks, canonical_arch, is_vit  # noqa: E402
+from ssl_runtime.amp import MixedPrecision  # noqa: E402
+from ssl_runtime.checkpoint import load_checkpoint, save_atomic  # noqa: E402
+from ssl_runtime.data import SafeImageFolder, build_loader, resolve_data_path, set_loader_epoch  # noqa: E402
+from ssl_runtime.device import add_device_arg  # noqa: E402
+from ssl_runtime.distributed import (DistContext, add_launcher_args, convert_sync_batchnorm,  # noqa: E402
+                                     init_distributed, unwrap, wrap_ddp)
+from ssl_runtime.ema import ema_update_  # noqa: E402
+from ssl_runtime.errors import UserError, main_entry  # noqa: E402
+from ssl_runtime.logs import silence_non_main  # noqa: E402
+from ssl_runtime.meters import MetricLogger, ThroughputMeter  # noqa: E402
+from ssl_runtime.misc import bool_flag, fix_random_seeds  # noqa: E402
+from ssl_runtime.optim import OPTIMIZERS, build_optimizer, param_groups_weight_decay  # noqa: E402
+from ssl_runtime.schedules import cosine_schedule  # noqa: E402
+
+PRINT_FREQ = 10
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DINO", add_help=False)
+
+    # Model parameters
+    parser.add_argument("--arch", default="vit_small", type=str,
+                        help="vit_tiny, vit_small, vit_base (deit_* accepted), resnet50, or the "
+                             "small CPU ViTs vit_nano / vit_pico")
+    parser.add_argument("--patch_size", default=16, type=int,
+                        help="ViT patch size in pixels; below 16 consider --use_fp16 false")
+    parser.add_argument("--out_dim", default=65536, type=int, help="dimension of the DINO head output")
+    parser.add_argument("--norm_last_layer", default=True, type=bool_flag,
+                        help="weight-normalise the head's last layer with a frozen unit norm")
+    parser.add_argument("--momentum_teacher", default=0.996, type=float,
+                        help="base EMA momentum of the teacher, raised to 1 along a cosine")
+    parser.add_argument("--use_bn_in_head", default=False, type=bool_flag,
+                        help="use batch normalisation in the projection head")
+
+    # Teacher temperature
+    parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
+                        help="initial teacher temperature")
+    parser.add_argument("--teacher_temp", default=0.04, type=float,
+                        help="teacher temperature after the warm-up")
+    parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
+                        help="epochs of linear teacher-temperature warm-up")
+
+    # Training / optimisation
+    parser.add_argument("--use_fp16", type=bool_flag, default=True,
+                        help="mixed precision (fp16 autocast + loss scaling on NPU/GPU; fp32 on CPU)")
+    parser.add_argument("--amp", action="store_true",
+                        help="Ascend-port alias: same as --use_fp16 true")
+    parser.add_argument("--weight_decay", type=float, default=0.04, help="initial weight decay")
+    parser.add_argument("--weight_decay_end", type=float, default=0.4, help="final weight decay (cosine)")
+    parser.add_argument("--clip_grad", type=float, default=3.0,
+                        help="per-parameter gradient norm limit; 0 disables clipping")
+    parser.add_argument("--batch_size_per_gpu", default=64, type=int,
+                        help="images per device (per process)")
+    parser.add_argument("--epochs", default=100, type=int, help="number of training epochs")
+    parser.add_argument("--freeze_last_layer", default=1, type=int,
+                        help="epochs during which the head's last layer is not updated")
+    parser.add_argument("--lr", default=0.0005, type=float,
+                        help="peak learning rate for a global batch of 256 (scaled linearly)")
+    parser.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear lr warm-up")
+    parser.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate (cosine)")
+    parser.add_argument("--optimizer", default="adamw", type=str, choices=list(OPTIMIZERS),
+                        help="adamw for ViTs; sgd or lars for convnets")
+    parser.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth rate")
+    parser.add_argument("--num_steps", type=int, default=None,
+                        help="stop after this many optimizer steps (performance runs)")
+
+    # Multi-crop
+    parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.0),
+                        help="area range of the global crops")
+    parser.add_argument("--local_crops_number", type=int, default=8,
+                        help="number of local crops; 0 disables multi-crop")
+    parser.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4),
+                        help="area range of the local crops")
+    parser.add_argument("--img_size", type=int, default=224, help="side of the global crops")
+    parser.add_argument("--local_crop_size", type=int, default=96, help="side of the local crops")
+
+    # Misc
+    parser.add_argument("--data_path", default=None, type=str,
+                        help="ImageFolder training images (the folder itself, or a root holding "
+                             "train/); default: the bundled Fashion-MNIST")
+    parser.add_argument("--output_dir", default=".", type=str, help="where logs and checkpoints go")
+    parser.add_argument("--saveckp_freq", default=20, type=int, help="save checkpointNNNN.pth every x epochs")
+    parser.add_argument("--seed", default=0, type=int, help="random seed")
+    parser.add_argument("--num_workers", default=10, type=int, help="data loading workers per process")
+    add_launcher_args(parser)
+    add_device_arg(parser)
+    return parser
+
+
+def _check_scale(name: str, values) -> None:
+    if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
+        raise UserError(f"--{name} needs two numbers 0 < min <= max <= 1, got {list(values)}")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject bad settings before any data or model is touched."""
+    args.arch = canonical_arch(args.arch)
+    if args.amp:
+        args.use_fp16 = True
+    positive = {"epochs": args.epochs, "batch_size_per_gpu": args.batch_size_per_gpu,
+                "out_dim": args.out_dim, "img_size": args.img_size,
+                "local_crop_size": args.local_crop_size, "patch_size": args.patch_size}
+    for name, value in positive.items():
+        if value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+    if args.num_steps is not None and args.num_steps <= 0:
+        raise UserError(f"--num_steps must be positive, got {args.num_steps}")
+    if args.local_crops_number < 0:
+        raise UserError(f"--local_crops_number must be >= 0, got {args.local_crops_number}")
+    if args.local_crop_size > args.img_size:
+        raise UserError(f"--local_crop_size {args.local_crop_size} is larger than --img_size "
+                        f"{args.img_size}: local crops must not exceed the global crops")
+    if is_vit(args.arch):
+        for name in ("img_size", "local_crop_size"):
+            if getattr(args, name) % args.patch_size:
+                raise UserError(f"--patch_size {args.patch_size} does not divide --{name} "
+                                f"{getattr(args, name)}: choose sizes that are multiples of the patch")
+    for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+        if not 0 <= getattr(args, name) <= args.epochs:
+            raise UserError(f"--{name} {getattr(args, name)} must be between 0 and --epochs {args.epochs}")
+    _check_scale("global_crops_scale", args.global_crops_scale)
+    _check_scale("local_crops_scale", args.local_crops_scale)
+    if args.clip_grad < 0 or args.freeze_last_layer < 0 or args.saveckp_freq < 0:
+        raise UserError("--clip_grad, --freeze_last_layer and --saveckp_freq must be >= 0")
+
+
+def training_folder(data_path: str | None) -> Path:
+    """Upstream points --data_path at the train/ folder itself; a dataset root holding train/ works too."""
+    root = resolve_data_path(data_path, need=())
+    return root / "train" if (root / "train").is_dir() else root
+
+
+# ---------------------------------------------------------------- one optimisation step's pieces
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, clip: float) -> list[torch.Tensor]:
+    """Upstream's per-parameter clipping (each gradient scaled to norm <= clip), without host syncs."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return []
+    norms = torch._foreach_norm(grads)
+    coefs = (clip / (torch.stack(norms) + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(coefs.unbind(0)))
+    return norms
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """Keep the head's prototypes fixed during the first epochs (stabilises the start)."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, param in model.named_parameters():
+        if "last_layer" in name:
+            param.grad = None
+
+
+class NonFiniteLossGuard:
+    """Remembers on the device whether any loss was NaN/inf; checked only when the host already
+    waits (print steps, end of epoch) so the step itself never synchronises."""
+
+    def __init__(self, device: torch.device):
+        self.seen = torch.zeros((), dtype=torch.bool, device=device)
+
+    def record(self, loss: torch.Tensor) -> None:
+        self.seen |= ~torch.isfinite(loss.detach())
+
+    def check(self, iteration: int, loss: torch.Tensor) -> None:
+        if bool(self.seen):
+            print(f"Loss is {loss.item()} (non-finite at or before iteration {iteration}), stopping "
+                  "training. Try --use_fp16 false, a lower --lr or a higher --clip_grad.",
+                  force=True, flush=True)
+            sys.exit(1)
+
+
+# ---------------------------------------------------------------- training
+
+def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch,
+                    args, ctx: DistContext, throughput: ThroughputMeter, guard: NonFiniteLossGuard,
+                    steps_left: int | None) -> tuple[dict, int, bool]:
+    """One pass over the data (or fewer steps); returns (stats, steps done, epoch completed)."""
+    lr_schedule, wd_schedule, momentum_schedule = schedules
+    student_params = list(unwrap(student).parameters())
+    teacher_params = list(teacher.parameters())
+    metric_logger = MetricLogger(delimiter="  ", device=ctx.device)
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    steps, loss = 0, torch.zeros(())
+    total = len(data_loader) if steps_left is None else min(len(data_loader), steps_left)
+    batches = itertools.islice(data_loader, total)  # a --num_steps run may end mid-epoch
+    for it, (images, _) in enumerate(metric_logger.log_every(batches, PRINT_FREQ, header, total=total)):
+        global_it = len(data_loader) * epoch + it
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = lr_schedule[global_it]
+            if i == 0:  # only the first group is regularised
+                group["weight_decay"] = wd_schedule[global_it]
+
+        images = [im.to(ctx.device, non_blocking=True) for im in images]
+        with mp.autocast():
+            with torch.no_grad():
+                teacher_output = teacher(images[:2])  # the teacher sees the 2 global views only
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
+        guard.record(loss)
+        if it % PRINT_FREQ == 0:
+            guard.check(global_it, loss)
+
+        optimizer.zero_grad(set_to_none=True)
+        mp.scaler.scale(loss).backward()
+        if args.clip_grad:
+            mp.scaler.unscale_(optimizer)
+            clip_gradients(student, args.clip_grad)
+        cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+        mp.scaler.step(optimizer)
+        mp.scaler.update()
+
+        ema_update_(teacher_params, student_params, float(momentum_schedule[global_it]))
+
+        metric_logger.update(loss=loss.detach())
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+        throughput.step()
+        steps += 1
+    guard.check(len(data_loader) * epoch + steps - 1, loss)
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger, flush=True)
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    return stats, steps, steps == len(data_loader)
+
+
+def restart_from_checkpoint(path: Path, student, teacher, optimizer, mp, dino_loss) -> int:
+    """Resume everything from <output_dir>/checkpoint.pth; returns the epoch to start from."""
+    if not path.is_file():
+        return 0
+    print(f"Found checkpoint at {path}")
+    checkpoint = load_checkpoint(path)
+    load_training_state(unwrap(student), checkpoint["student"], f"'student' in {path}")
+    load_training_state(teacher, checkpoint["teacher"], f"'teacher' in {path}")
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"the optimizer state in {path} does not fit this run ({exc}): the "
+                        "checkpoint was written with other model/optimizer settings; use another "
+                        "--output_dir or the original flags") from None
+    dino_loss.load_state_dict(checkpoint["dino_loss"])
+    if checkpoint.get("fp16_scaler"):
+        mp.scaler.load_state_dict(checkpoint["fp16_scaler"])
+    print(f"=> resumed student, teacher, optimizer, dino_loss from {path} at epoch {checkpoint['epoch']}")
+    return int(checkpoint["epoch"])
+
+
+def build_optimizer_for(student: nn.Module, args, ctx: DistContext) -> torch.optim.Optimizer:
+    groups = param_groups_weight_decay(unwrap(student), args.weight_decay)
+    # the lr and the group-0 weight decay are overwritten by the schedules at every step
+    return build_optimizer(args.optimizer, groups, ctx.device_type, lr=0.0, momentum=0.9)
+
+
+def save_checkpoint(args, epoch_to_resume: int, student, teacher, optimizer, mp, dino_loss,
+                    epoch: int, ctx: DistContext) -> None:
+    if not ctx.is_main:
+        return
+    # The student is saved without the DDP `module.` prefix, so a checkpoint from N processes
+    # resumes on M; loading accepts both spellings (official full checkpoints carry it).
+    save_dict = {
+        "student": unwrap(student).state_dict(),
+        "teacher": teacher.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch_to_resume,
+        "args": args,
+        "dino_loss": dino_loss.state_dict(),
+    }
+    if mp.scaler.is_enabled():
+        save_dict["fp16_scaler"] = mp.scaler.state_dict()
+    out = Path(args.output_dir)
+    save_atomic(save_dict, out / "checkpoint.pth")
+    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+        save_atomic(save_dict, out / f"checkpoint{epoch:04}.pth")
+
+
+def train_dino(args: argparse.Namespace) -> None:
+    validate_args(args)
+    data_folder = training_folder(args.data_path)
+    ctx = init_distributed(args.device, args.local_rank, args.dist_url)
+    silence_non_main(ctx.is_main)
+    fix_random_seeds(args.seed)
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    # ============ data ============
+    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
+                                     args.local_crops_number, args.img_size, args.local_crop_size)
+    dataset = SafeImageFolder(data_folder, transform=transform)
+    data_loader = build_loader(dataset, args.batch_size_per_gpu, args.num_workers, ctx,
+                               shuffle=True, drop_last=True)
+    print(f"Data loaded: there are {len(dataset)} images.")
+
+    # ============ student and teacher ============
+    student, teacher, _ = build_dino_networks(args)
+    student, teacher = student.to(ctx.device), teacher.to(ctx.device)
+    student = convert_sync_batchnorm(student, ctx)
+    teacher = convert_sync_batchnorm(teacher, ctx)
+    teacher.load_state_dict(student.state_dict())  # identical start
+    for p in teacher.parameters():
+        p.requires_grad = False  # the teacher only follows the student's EMA
+    student = wrap_ddp(student, ctx)
+    print(f"Student and Teacher are built: they are both {args.arch} network.")
+
+    # ============ loss, optimizer, schedules ============
+    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(ctx.device)
+    optimizer = build_optimizer_for(student, args, ctx)
+    mp = MixedPrecision.from_flag(args.use_fp16, ctx.device_type)
+    niter = len(data_loader)
+    schedules = (
+        cosine_schedule(args.lr * args.batch_size_per_gpu * ctx.world_size / 256.0,  # linear scaling
+                        args.min_lr, args.epochs, niter, warmup_epochs=args.warmup_epochs),
+        cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter),
+        cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter),
+    )
+    print(f"Loss, optimizer and schedulers ready ({mp.describe()}).")
+
+    # ============ resume ============
+    start_epoch = restart_from_checkpoint(Path(args.output_dir) / "checkpoint.pth", student, teacher,
+                                          optimizer, mp, dino_loss)
+
+    remaining = (args.epochs - start_epoch) * niter
+    budget = remaining if args.num_steps is None else min(args.num_steps, remaining)
+    throughput = ThroughputMeter(args.batch_size_per_gpu * ctx.world_size, total_steps=budget,
+                                 device=ctx.device)
+    guard = NonFiniteLossGuard(ctx.device)
+    start_time = time.time()
+    print("Starting DINO training !")
+    steps_done = 0
+    for epoch in range(start_epoch, args.epochs):
+        if steps_done >= budget:
+            break
+        set_loader_epoch(data_loader, epoch)
+        stats, steps, completed = train_one_epoch(
+            student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch, args, ctx,
+            throughput, guard, None if args.num_steps is None else budget - steps_done)
+        steps_done += steps
+        # an epoch cut short by --num_steps is redone from its start on resume
+        save_checkpoint(args, epoch + 1 if completed else epoch, student, teacher, optimizer, mp,
+                        dino_loss, epoch, ctx)
+        if ctx.is_main:
+            with (Path(args.output_dir) / "log.txt").open("a") as f:
+                f.write(json.dumps({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}) + "\n")
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f"Training time {total_time}")
+    if steps_done == 0:
+        print(f"Nothing to train: the checkpoint in {args.output_dir} is already at epoch {start_epoch}.")
+    else:
+        print(throughput.summary_line(), flush=True)
+
+
+@main_entry
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser("DINO", parents=[get_args_parser()])
+    train_dino(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""DINO networks: timm backbones, the DINO projection head and the multi-crop wrapper."""
+
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_runtime.errors import UserError
+
+# Upstream's ViT sizes (vision_transformer.py) map 1:1 onto timm's registered ViTs; the patch size
+# and image size are passed as timm kwargs, so any patch size works. The small entries are not
+# upstream: they make CPU runs on 32-pixel images affordable.
+VIT_ARCHS: dict[str, tuple[str, dict]] = {
+    "vit_tiny": ("vit_tiny_patch16_224", {}),
+    "vit_small": ("vit_small_patch16_224", {}),
+    "vit_base": ("vit_base_patch16_224", {}),
+    "vit_nano": ("vit_tiny_patch16_224", {"embed_dim": 96, "depth": 4, "num_heads": 3}),
+    "vit_pico": ("vit_tiny_patch16_224", {"embed_dim": 96, "depth": 2, "num_heads": 3}),
+}
+CNN_ARCHS: dict[str, str] = {"resnet50": "resnet50"}
+ARCH_CHOICES = tuple(VIT_ARCHS) + tuple(CNN_ARCHS)
+
+
+def canonical_arch(arch: str) -> str:
+    """Upstream renamed DeiT-S to ViT-S: accept the deit_* spellings, reject unknown names."""
+    name = arch.replace("deit", "vit")
+    if name not in ARCH_CHOICES:
+        raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCH_CHOICES)} "
+                        "(XCiT and other torch.hub models need network access and are not offered)")
+    return name
+
+
+def is_vit(arch: str) -> bool:
+    return canonical_arch(arch) in VIT_ARCHS
+
+
+def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224,
+                   drop_path_rate: float = 0.0) -> nn.Module:
+    """A backbone returning one feature vector per image (ViT: final-norm CLS token; CNN: pooled).
+
+    ViTs are built for `img_size`, so crops of that size use the position embedding as is; other
+    sizes (local crops, evaluation) are resampled by timm's dynamic_img_size.
+    """
+    arch = canonical_arch(arch)
+    if arch in VIT_ARCHS:
+        timm_name, sizes = VIT_ARCHS[arch]
+        return timm.create_model(timm_name, pretrained=False, num_classes=0, patch_size=patch_size,
+                                 img_size=img_size, dynamic_img_size=True,
+                                 drop_path_rate=drop_path_rate, **sizes)
+    return timm.create_model(CNN_ARCHS[arch], pretrained=False, num_classes=0,
+                             drop_path_rate=drop_path_rate)
+
+
+def trunc_normal_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight = g * v / ||v|| (row-wise), i.e. torch's classic weight_norm.
+
+    Written out so that the parameters are named `weight_g` / `weight_v` exactly as in official DINO
+    checkpoints (torch's parametrizations API would name them `parametrizations.weight.original*`).
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        weight = torch.empty(out_features, in_features)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default initialisation
+        self.weight_v = nn.Parameter(weight)
+        self.weight_g = nn.Parameter(weight.norm(dim=1, keepdim=True))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class DINOHead(nn.Module):
+    """MLP (GELU, optional BN) -> L2 normalisation -> weight-normalised prototypes layer."""
+
+    def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
+                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = []
+            dims = [in_dim] + [hidden_dim] * (nlayers - 1)
+            for d_in, d_out in zip(dims[:-1], dims[1:]):
+                layers.append(nn.Linear(d_in, d_out))
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(d_out))
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        self.apply(trunc_normal_init)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        with torch.no_grad():
+            self.last_layer.weight_g.fill_(1.0)
+        # With a frozen unit norm the prototypes stay on the sphere: upstream's stabiliser.
+        self.last_layer.weight_g.requires_grad = not norm_last_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2)
+        return self.last_layer(x)
+
+
+def resolution_groups(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """[start, end) index ranges of consecutive crops that share a resolution."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(crops) + 1):
+        if i == len(crops) or crops[i].shape[-2:] != crops[start].shape[-2:]:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone + head over a list of crops: one backbone pass per run of equal-size crops, then a
+    single head pass over all features. Outputs are ordered crop by crop ([crop0 batch, crop1 ...])."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        features = [self.backbone(torch.cat(crops[start:end])) for start, end in resolution_groups(crops)]
+        return self.head(torch.cat(features))
+
+
+def build_dino_networks(args) -> tuple[MultiCropWrapper, MultiCropWrapper, int]:
+    """Student (with stochastic depth) and teacher (without), each backbone + DINO head."""
+    student_backbone = build_backbone(args.arch, args.patch_size, args.img_size, args.drop_path_rate)
+    teacher_backbone = build_backbone(args.arch, args.patch_size, args.img_size, 0.0)
+    embed_dim = student_backbone.num_features
+    student = MultiCropWrapper(student_backbone, DINOHead(
+        embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer))
+    teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+    return student, teacher, embed_dim
