@@ -100,12 +100,14 @@ class SafeImageFolder(ImageFolder):
         if not self.samples:
             raise UserError(f"{root} contains no images: put class folders with images under it")
         self.max_bad_fraction = max_bad_fraction
-        self.bad_files: list[str] = []
+        self.bad_files: set[str] = set()
         self.tried = 0
 
     def __getitem__(self, index: int):
         for attempt in range(MAX_CONSECUTIVE_BAD):
             path, target = self.samples[(index + attempt) % len(self.samples)]
+            if path in self.bad_files:
+                continue
             self.tried += 1
             try:
                 image = self.loader(path)
@@ -121,8 +123,8 @@ class SafeImageFolder(ImageFolder):
                         f"the dataset under {self.root} looks broken; check or re-extract it")
 
     def _record_bad(self, path: str, exc: Exception) -> None:
-        self.bad_files.append(path)
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        self.bad_files.add(path)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].split(" <_io")[0][:120]
         print(f"warning: skipping unreadable image {path} ({reason}); "
               f"{len(self.bad_files)} skipped so far", flush=True)
         if self.tried >= MIN_SEEN_FOR_RATIO and len(self.bad_files) > self.max_bad_fraction * self.tried:

@@ -86,29 +86,34 @@ def _module(kind: str) -> Any:
     return torch.npu if kind == "npu" else torch.cuda  # type: ignore[attr-defined]
 
 
+def device_kind(device: torch.device | str) -> str:
+    """'cuda' for torch.device('cuda', 1) or 'cuda:1'; works for 'npu' before torch_npu is loaded."""
+    return device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+
+
 def synchronize(device: torch.device | str) -> None:
-    kind = torch.device(device).type
+    kind = device_kind(device)
     if kind in ("cuda", "npu"):
         _module(kind).synchronize()
 
 
 def max_memory_mb(device: torch.device | str) -> float:
     """Peak memory allocated on the device since start (0 on CPU, where torch does not track it)."""
-    kind = torch.device(device).type
+    kind = device_kind(device)
     if kind in ("cuda", "npu"):
         return _module(kind).max_memory_allocated() / 2**20
     return 0.0
 
 
 def reset_peak_memory(device: torch.device | str) -> None:
-    kind = torch.device(device).type
+    kind = device_kind(device)
     if kind in ("cuda", "npu"):
         _module(kind).reset_peak_memory_stats()
 
 
 def loader_kwargs(device: torch.device | str) -> dict:
     """DataLoader settings for fast host-to-device copies (pinned memory on the right device)."""
-    kind = torch.device(device).type
+    kind = device_kind(device)
     if kind == "cpu":
         return {"pin_memory": False}
     if kind == "npu":

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny ImageFolder datasets and a CPU context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssl_runtime.distributed import single_process_context
+
+
+def make_imagefolder(root: Path, classes: int = 3, per_class: int = 8, size: int = 32,
+                     splits=("train", "val"), seed: int = 0) -> Path:
+    """Write a small ImageFolder dataset whose classes differ in brightness pattern (learnable)."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.zeros((size, size), dtype=np.float64)
+                base[:, c * size // classes:(c + 1) * size // classes] = 200.0
+                noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(noisy, mode="L").save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_imagefolder(tmp_path: Path) -> Path:
+    return make_imagefolder(tmp_path / "data")
+
+
+@pytest.fixture
+def cpu_ctx():
+    return single_process_context("cpu")

@@ -1,0 +1,157 @@
+"""Dataset paths, broken images, odd image modes and loaders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_runtime import data
+from ssl_runtime.distributed import DistContext
+from ssl_runtime.errors import UserError, main_entry, user_message
+
+
+def test_valid_layout_is_accepted(tiny_imagefolder):
+    assert data.resolve_data_path(tiny_imagefolder, need=("train", "val")) == tiny_imagefolder
+
+
+def test_missing_path_names_the_fix(tmp_path):
+    with pytest.raises(UserError, match="does not exist.*ImageFolder"):
+        data.resolve_data_path(tmp_path / "nope")
+
+
+def test_file_instead_of_folder(tmp_path):
+    target = tmp_path / "train.tar"
+    target.write_bytes(b"x")
+    with pytest.raises(UserError, match="is a file"):
+        data.resolve_data_path(target)
+
+
+def test_layout_without_train_or_val(tiny_imagefolder, tmp_path):
+    (tmp_path / "flat" / "cats").mkdir(parents=True)
+    with pytest.raises(UserError, match="no train/ folder"):
+        data.resolve_data_path(tmp_path / "flat")
+    import shutil
+    shutil.rmtree(tiny_imagefolder / "val")
+    assert data.resolve_data_path(tiny_imagefolder, need=("train",))
+    with pytest.raises(UserError, match="no val/ folder"):
+        data.resolve_data_path(tiny_imagefolder, need=("train", "val"))
+
+
+def test_empty_train_folder(tmp_path):
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="contains no images"):
+        data.resolve_data_path(tmp_path / "d")
+
+
+def test_no_path_means_default_dataset(monkeypatch, tiny_imagefolder):
+    monkeypatch.setattr(data, "default_dataset_root", lambda: tiny_imagefolder)
+    assert data.resolve_data_path(None) == tiny_imagefolder
+
+
+def _write_broken_files(folder):
+    (folder / "zero.png").write_bytes(b"")
+    good = folder / "000.png"
+    (folder / "truncated.png").write_bytes(good.read_bytes()[:40])
+    (folder / "notes.jpg").write_text("not an image")
+
+
+def test_broken_images_are_skipped_with_a_warning(tiny_imagefolder, capsys):
+    _write_broken_files(tiny_imagefolder / "train" / "class_0")
+    dataset = data.SafeImageFolder(tiny_imagefolder / "train", max_bad_fraction=1.0)
+    images = [dataset[i][0] for i in range(len(dataset))]
+    assert all(img.mode == "RGB" and img.size == (32, 32) for img in images)
+    assert len(dataset.bad_files) == 3
+    out = capsys.readouterr().out
+    assert "skipping unreadable image" in out and "zero.png" in out and "notes.jpg" in out
+
+
+def test_too_many_broken_images_stop_with_a_clear_error(tmp_path, monkeypatch):
+    folder = tmp_path / "d" / "train" / "c"
+    folder.mkdir(parents=True)
+    Image.new("L", (8, 8)).save(folder / "good.png")
+    for i in range(5):
+        (folder / f"bad{i}.png").write_bytes(b"")
+    monkeypatch.setattr(data, "MIN_SEEN_FOR_RATIO", 3)
+    dataset = data.SafeImageFolder(tmp_path / "d" / "train")
+    with pytest.raises(UserError, match="could not be read"):
+        for i in range(len(dataset)):
+            dataset[i]
+
+
+def test_only_broken_images_is_an_error_not_a_hang(tmp_path):
+    folder = tmp_path / "d" / "train" / "c"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"bad{i}.png").write_bytes(b"")
+    dataset = data.SafeImageFolder(tmp_path / "d" / "train", max_bad_fraction=1.0)
+    with pytest.raises(UserError, match="unreadable images in a row"):
+        dataset[0]
+
+
+def test_odd_image_modes_become_rgb(tmp_path):
+    folder = tmp_path / "d" / "train" / "c"
+    folder.mkdir(parents=True)
+    Image.new("L", (4, 4), 128).save(folder / "gray.png")
+    Image.new("P", (4, 4), 3).save(folder / "palette.png")
+    Image.new("CMYK", (4, 4), (0, 255, 0, 0)).save(folder / "cmyk.jpg")
+    ramp = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000)
+    Image.fromarray(ramp).save(folder / "deep.png")  # 16-bit grayscale
+    dataset = data.SafeImageFolder(tmp_path / "d" / "train")
+    images = {p.split("/")[-1]: dataset[i][0] for i, (p, _) in enumerate(dataset.samples)}
+    assert {img.mode for img in images.values()} == {"RGB"}
+    deep = np.asarray(images["deep.png"])[..., 0]
+    assert deep.min() == 0 and deep.max() == 255  # rescaled, not clipped to white
+    assert np.asarray(images["gray.png"])[0, 0].tolist() == [128, 128, 128]
+
+
+def test_empty_class_folder_is_a_warning(tiny_imagefolder):
+    (tiny_imagefolder / "train" / "class_9").mkdir()
+    with pytest.warns(UserWarning, match="class_9"):
+        dataset = data.SafeImageFolder(tiny_imagefolder / "train")
+    assert len(dataset.classes) == 4 and len(dataset) == 24
+
+
+def _ctx(rank=0, world=1):
+    return DistContext(rank, world, rank, torch.device("cpu"), "cpu", "gloo", world > 1)
+
+
+def test_loader_batches_and_shards(tiny_imagefolder):
+    import torchvision.transforms as T
+    dataset = data.SafeImageFolder(tiny_imagefolder / "train", transform=T.ToTensor())
+    loader = data.build_loader(dataset, batch_size=5, num_workers=0, ctx=_ctx())
+    batches = list(loader)
+    assert len(batches) == 4 and batches[0][0].shape == (5, 3, 32, 32)
+    sharded = data.build_loader(dataset, batch_size=4, num_workers=0, ctx=_ctx(1, 2), shuffle=False)
+    assert isinstance(sharded.sampler, torch.utils.data.DistributedSampler)
+    assert list(sharded.sampler) == list(range(1, 24, 2))
+    data.set_loader_epoch(sharded, 3)
+    assert sharded.sampler.epoch == 3
+
+
+def test_loader_rejects_batches_larger_than_the_dataset(tiny_imagefolder):
+    dataset = data.SafeImageFolder(tiny_imagefolder / "train")
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        data.build_loader(dataset, batch_size=20, num_workers=0, ctx=_ctx(0, 2))
+    with pytest.raises(UserError, match="batch size must be positive"):
+        data.build_loader(dataset, batch_size=0, num_workers=0, ctx=_ctx())
+
+
+def test_errors_raised_in_workers_reach_the_user_as_one_line():
+    wrapped = UserError("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most "
+                        "recent call last):\n  File x\nssl_runtime.errors.UserError: 9 of 10 bad\n")
+    assert user_message(wrapped) == "9 of 10 bad"
+
+
+def test_main_entry_exits_2_with_the_message():
+    code = ("from ssl_runtime.errors import main_entry, UserError\n"
+            "@main_entry\ndef main():\n    raise UserError('bad flag; use --x')\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: bad flag; use --x"
+    assert "Traceback" not in proc.stderr
+    assert callable(main_entry)
