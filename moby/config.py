@@ -1,0 +1,267 @@
+"""MoBY configuration: every key and default of upstream Transformer-SSL's config.py, in yacs.
+
+A run is described by one YAML file (which may inherit others through BASE), `--opts KEY VALUE`
+pairs and a few command-line shortcuts, merged in that order by `update_config`.
+Keys we add beyond upstream are marked "(ours)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from ssl_runtime.errors import UserError
+
+_C = CN()
+
+# YAML files this one inherits from, relative to its own folder.
+_C.BASE = [""]
+
+# ----------------------------------------------------------------------------- data
+_C.DATA = CN()
+_C.DATA.BATCH_SIZE = 64  # per process
+_C.DATA.DATA_PATH = ""  # ImageFolder root with train/ and val/; empty = the default Fashion-MNIST (ours)
+_C.DATA.DATASET = "imagenet"  # any ImageFolder is accepted (upstream: ImageNet only)
+_C.DATA.IMG_SIZE = 224
+_C.DATA.INTERPOLATION = "bicubic"
+_C.DATA.ZIP_MODE = False  # upstream's zip reader: not supported here
+_C.DATA.CACHE_MODE = "part"  # upstream's in-memory cache: not supported here
+_C.DATA.PIN_MEMORY = True
+_C.DATA.NUM_WORKERS = 8
+# Number of training images, filled in at run time (upstream adds it on the fly; declared here).
+_C.DATA.TRAINING_IMAGES = 0
+
+# ----------------------------------------------------------------------------- model
+_C.MODEL = CN()
+_C.MODEL.TYPE = "swin"  # 'moby' for pre-training, 'linear' for linear evaluation
+_C.MODEL.NAME = "swin_tiny_patch4_window7_224"
+_C.MODEL.RESUME = ""
+_C.MODEL.NUM_CLASSES = 1000  # replaced by the dataset's class count
+_C.MODEL.DROP_RATE = 0.0
+_C.MODEL.DROP_PATH_RATE = 0.1
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+_C.MODEL.SWIN = CN()
+_C.MODEL.SWIN.PATCH_SIZE = 4
+_C.MODEL.SWIN.IN_CHANS = 3
+_C.MODEL.SWIN.EMBED_DIM = 96
+_C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN.WINDOW_SIZE = 7
+_C.MODEL.SWIN.MLP_RATIO = 4.0
+_C.MODEL.SWIN.QKV_BIAS = True
+_C.MODEL.SWIN.QK_SCALE = None  # only None (head_dim ** -0.5) is supported by timm's Swin
+_C.MODEL.SWIN.APE = False  # absolute position embedding: not supported by timm's Swin
+_C.MODEL.SWIN.PATCH_NORM = True
+# Norm before the MLP in every Swin block: 'ln' or 'bn' (honoured here, see moby/backbones.py).
+_C.MODEL.SWIN.NORM_BEFORE_MLP = "ln"
+
+# (ours) The DeiT / ViT encoder; upstream hard-codes timm's deit_small_patch16_224 (these defaults).
+_C.MODEL.DEIT = CN()
+_C.MODEL.DEIT.PATCH_SIZE = 16
+_C.MODEL.DEIT.IN_CHANS = 3
+_C.MODEL.DEIT.EMBED_DIM = 384
+_C.MODEL.DEIT.DEPTH = 12
+_C.MODEL.DEIT.NUM_HEADS = 6
+_C.MODEL.DEIT.MLP_RATIO = 4.0
+_C.MODEL.DEIT.QKV_BIAS = True
+
+_C.MODEL.MOBY = CN()
+_C.MODEL.MOBY.ENCODER = "swin"  # 'swin' or 'deit_small' (any 'deit*' / 'vit*' uses MODEL.DEIT)
+_C.MODEL.MOBY.ONLINE_DROP_PATH_RATE = 0.1
+_C.MODEL.MOBY.TARGET_DROP_PATH_RATE = 0.0
+_C.MODEL.MOBY.CONTRAST_MOMENTUM = 0.99
+_C.MODEL.MOBY.CONTRAST_TEMPERATURE = 0.2
+_C.MODEL.MOBY.CONTRAST_NUM_NEGATIVE = 4096
+_C.MODEL.MOBY.PROJ_NUM_LAYERS = 2
+_C.MODEL.MOBY.PRED_NUM_LAYERS = 2
+
+# ----------------------------------------------------------------------------- training
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+_C.TRAIN.BASE_LR = 5e-4
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+_C.TRAIN.CLIP_GRAD = 5.0
+_C.TRAIN.AUTO_RESUME = True
+_C.TRAIN.ACCUMULATION_STEPS = 0
+_C.TRAIN.USE_CHECKPOINT = False
+# (ours, Ascend --steps) stop after this many optimizer steps; 0 = no limit.
+_C.TRAIN.STEPS = 0
+# (ours, Ascend --max_epochs) stop before this epoch while keeping the EPOCHS-long schedule; 0 = off.
+_C.TRAIN.MAX_EPOCHS = 0
+
+_C.TRAIN.LR_SCHEDULER = CN()
+_C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # 'cosine', 'linear' or 'step'
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # step scheduler only
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # step scheduler only
+
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = "adamw"
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+# ----------------------------------------------------------------------------- linear evaluation
+_C.LINEAR_EVAL = CN()
+_C.LINEAR_EVAL.PRETRAINED = ""
+# (ours) upstream moby_linear.py hard-codes 100 epochs with 5 warm-up epochs; small runs change these.
+_C.LINEAR_EVAL.EPOCHS = 100
+_C.LINEAR_EVAL.WARMUP_EPOCHS = 5
+
+# ----------------------------------------------------------------------------- augmentation
+_C.AUG = CN()
+_C.AUG.COLOR_JITTER = 0.4
+_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = "pixel"
+_C.AUG.RECOUNT = 1
+_C.AUG.MIXUP = 0.8
+_C.AUG.CUTMIX = 1.0
+_C.AUG.CUTMIX_MINMAX = None
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+_C.AUG.MIXUP_MODE = "batch"
+_C.AUG.SSL_AUG = False  # the two-view MoBY augmentation
+_C.AUG.SSL_AUG_TYPE = "byol"
+_C.AUG.SSL_AUG_CROP = 0.08  # smallest RandomResizedCrop scale
+_C.AUG.SSL_LINEAR_AUG = False  # crop + flip only, for linear evaluation
+
+# ----------------------------------------------------------------------------- testing
+_C.TEST = CN()
+_C.TEST.CROP = True
+
+# ----------------------------------------------------------------------------- misc
+_C.AMP_OPT_LEVEL = ""  # 'O0' (fp32), 'O1', 'O2'; set from --amp-opt-level
+_C.OUTPUT = ""
+_C.TAG = "default"
+_C.SAVE_FREQ = 1
+_C.PRINT_FREQ = 10
+_C.SEED = 0
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+_C.LOCAL_RANK = 0
+# (ours) accelerator: auto, npu, cuda or cpu.
+_C.DEVICE = "auto"
+
+
+def default_config() -> CN:
+    """A fresh copy of the defaults (the module-level tree is never modified)."""
+    return _C.clone()
+
+
+def _explain_merge_error(exc: Exception, source: str) -> UserError:
+    """Turn yacs' KeyError / ValueError / AssertionError into one line the user can act on."""
+    text = exc.args[0] if exc.args else str(exc)
+    if isinstance(exc, KeyError) and "Non-existent config key" in str(text):
+        key = str(text).split(":", 1)[1].strip()
+        return UserError(f"unknown config key {key} in {source}: check its spelling against "
+                         "moby/config.py (keys are upper case, e.g. TRAIN.EPOCHS)")
+    return UserError(f"bad config value in {source}: {text}")
+
+
+def merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
+    """Merge a YAML file into config, after the files listed in its BASE (as upstream)."""
+    path = Path(cfg_file)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: pass --cfg configs/<name>.yaml")
+    try:
+        with open(path) as f:
+            content = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(content, dict):
+        raise UserError(f"config file {path} must hold a mapping of KEY: value pairs")
+    for base in content.get("BASE", [""]) or []:
+        if base:
+            merge_yaml(config, path.parent / base)
+    config.defrost()
+    try:
+        config.merge_from_other_cfg(CN(content))
+    except (KeyError, ValueError, AssertionError) as exc:
+        raise _explain_merge_error(exc, str(path)) from exc
+
+
+def merge_opts(config: CN, opts: list[str] | None) -> None:
+    """Merge `--opts KEY VALUE ...` pairs."""
+    if not opts:
+        return
+    if len(opts) % 2:
+        raise UserError(f"--opts needs KEY VALUE pairs, got an odd number of items: {' '.join(opts)}")
+    config.defrost()
+    try:
+        config.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as exc:
+        raise _explain_merge_error(exc, "--opts") from exc
+
+
+# argparse attribute -> (config key, value to store or None to store the flag's value)
+_CLI_OVERRIDES = (
+    ("batch_size", "DATA.BATCH_SIZE"),
+    ("data_path", "DATA.DATA_PATH"),
+    ("zip", "DATA.ZIP_MODE"),
+    ("cache_mode", "DATA.CACHE_MODE"),
+    ("resume", "MODEL.RESUME"),
+    ("accumulation_steps", "TRAIN.ACCUMULATION_STEPS"),
+    ("use_checkpoint", "TRAIN.USE_CHECKPOINT"),
+    ("amp_opt_level", "AMP_OPT_LEVEL"),
+    ("output", "OUTPUT"),
+    ("tag", "TAG"),
+    ("eval", "EVAL_MODE"),
+    ("throughput", "THROUGHPUT_MODE"),
+    ("epochs", "TRAIN.EPOCHS"),
+    ("steps", "TRAIN.STEPS"),
+    ("max_epochs", "TRAIN.MAX_EPOCHS"),
+    ("device", "DEVICE"),
+)
+
+
+def _set_key(config: CN, dotted: str, value) -> None:
+    node = config
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+
+
+def update_config(config: CN, args: argparse.Namespace) -> CN:
+    """YAML (with BASE), then --opts, then the command-line shortcuts; output = OUTPUT/NAME/TAG."""
+    merge_yaml(config, args.cfg)
+    merge_opts(config, getattr(args, "opts", None))
+    config.defrost()
+    for attr, key in _CLI_OVERRIDES:
+        value = getattr(args, attr, None)
+        if value:  # unset flags (None / False / 0) leave the config alone, as upstream
+            _set_key(config, key, value)
+    local_rank = getattr(args, "local_rank", None)
+    if local_rank is not None:
+        config.LOCAL_RANK = max(int(local_rank), 0)
+    config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    config.freeze()
+    return config
+
+
+def get_config(args: argparse.Namespace) -> CN:
+    return update_config(default_config(), args)
+
+
+def save_config(config: CN, output_dir: str | os.PathLike) -> Path:
+    """Write the merged config as YAML to <output>/config.json (upstream's file name)."""
+    path = Path(output_dir) / "config.json"
+    path.write_text(config.dump())
+    return path
+
+
+def set_values(config: CN, **dotted_values) -> None:
+    """Change a frozen config in one place: set_values(cfg, **{'TRAIN.BASE_LR': 1e-3})."""
+    config.defrost()
+    for key, value in dotted_values.items():
+        _set_key(config, key, value)
+    config.freeze()

@@ -1,0 +1,140 @@
+"""Datasets and augmentations of upstream Transformer-SSL's data/build.py, on any ImageFolder.
+
+Pre-training sees two differently augmented views of every image (asymmetric BYOL recipe):
+both views get RandomResizedCrop(IMG_SIZE, scale=(SSL_AUG_CROP, 1)), a horizontal flip, colour
+jitter (0.4, 0.4, 0.2, 0.1) with p 0.8 and grayscale with p 0.2; view 1 is always blurred, view 2
+is blurred with p 0.1 and solarised with p 0.2.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from PIL import Image, ImageFilter, ImageOps
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
+from torchvision import transforms
+from yacs.config import CfgNode
+
+from ssl_runtime import device as devices
+from ssl_runtime.data import SafeImageFolder, resolve_data_path
+from ssl_runtime.distributed import DistContext
+from ssl_runtime.errors import UserError
+
+
+class RandomGaussianBlur:
+    """PIL Gaussian blur with a radius drawn uniformly from [sigma_min, sigma_max] per image."""
+
+    def __init__(self, sigma_min: float = 0.1, sigma_max: float = 2.0):
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma_min, self.sigma_max)))
+
+
+class Solarize:
+    """Invert every pixel above 128 (PIL's default threshold, as upstream)."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return ImageOps.solarize(image)
+
+
+def _normalize() -> transforms.Normalize:
+    return transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def ssl_view_transform(img_size: int, min_crop: float, blur_p: float, solarize_p: float) -> Callable:
+    steps = [
+        transforms.RandomResizedCrop(img_size, scale=(min_crop, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([RandomGaussianBlur()], p=blur_p),
+    ]
+    if solarize_p > 0:
+        steps.append(transforms.RandomApply([Solarize()], p=solarize_p))
+    return transforms.Compose(steps + [transforms.ToTensor(), _normalize()])
+
+
+def ssl_transforms(config: CfgNode) -> tuple[Callable, Callable]:
+    """The two views' pipelines (AUG.SSL_AUG_TYPE 'byol', upstream's only type)."""
+    if config.AUG.SSL_AUG_TYPE != "byol":
+        raise UserError(f"AUG.SSL_AUG_TYPE {config.AUG.SSL_AUG_TYPE!r} is not supported: use 'byol'")
+    size, crop = config.DATA.IMG_SIZE, config.AUG.SSL_AUG_CROP
+    return (ssl_view_transform(size, crop, blur_p=1.0, solarize_p=0.0),
+            ssl_view_transform(size, crop, blur_p=0.1, solarize_p=0.2))
+
+
+def linear_train_transform(config: CfgNode) -> Callable:
+    """Linear evaluation training: random resized crop and flip only (AUG.SSL_LINEAR_AUG)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(config.DATA.IMG_SIZE),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        _normalize(),
+    ])
+
+
+def eval_transform(config: CfgNode) -> Callable:
+    """Resize then centre-crop IMG_SIZE (or resize straight to it when TEST.CROP is False).
+
+    Upstream's linear evaluation resizes to IMG_SIZE + 32: that is 256 for 224, the same as the
+    256/224 ratio used here, but for 32-px images it would keep only the central quarter.
+    """
+    size = config.DATA.IMG_SIZE
+    if config.TEST.CROP:
+        resize = [transforms.Resize(int(size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+                  transforms.CenterCrop(size)]
+    else:
+        resize = [transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC)]
+    return transforms.Compose(resize + [transforms.ToTensor(), _normalize()])
+
+
+class TwoViewDataset(Dataset):
+    """Wraps an ImageFolder: item i is (view1, view2, label), each view from its own pipeline."""
+
+    def __init__(self, folder: SafeImageFolder, view1: Callable, view2: Callable):
+        self.folder = folder
+        self.view1, self.view2 = view1, view2
+        folder.transform = None
+        self.classes = folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        image, label = self.folder[index]
+        return self.view1(image), self.view2(image), label
+
+
+def dataset_root(config: CfgNode, need: tuple[str, ...]):
+    """DATA.DATA_PATH checked (empty: the default Fashion-MNIST); zip/cache modes refused."""
+    if config.DATA.ZIP_MODE:
+        raise UserError("--zip (zipped ImageNet with *_map.txt) is not supported: extract the data "
+                        "and pass an ImageFolder root with --data-path")
+    return resolve_data_path(config.DATA.DATA_PATH or None, need=need, flag="--data-path")
+
+
+def build_pretrain_dataset(config: CfgNode) -> TwoViewDataset:
+    root = dataset_root(config, ("train",))
+    view1, view2 = ssl_transforms(config)
+    return TwoViewDataset(SafeImageFolder(root / "train"), view1, view2)
+
+
+def build_labelled_datasets(config: CfgNode, train_transform: Callable) -> tuple[SafeImageFolder, SafeImageFolder]:
+    """(train, val) ImageFolders for linear / k-NN evaluation."""
+    root = dataset_root(config, ("train", "val"))
+    train = SafeImageFolder(root / "train", transform=train_transform)
+    val = SafeImageFolder(root / "val", transform=eval_transform(config))
+    if train.classes != val.classes:
+        raise UserError(f"train/ and val/ under {root} have different class folders: "
+                        f"{len(train.classes)} vs {len(val.classes)}; they must match")
+    return train, val
+
+
+def sharded_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, ctx: DistContext) -> DataLoader:
+    """Each rank reads every world_size-th image (no padding), so summed counts are exact."""
+    shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))  # type: ignore[arg-type]
+    return DataLoader(shard, batch_size=batch_size, sampler=SequentialSampler(shard),
+                      num_workers=num_workers, drop_last=False, **devices.loader_kwargs(ctx.device))

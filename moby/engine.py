@@ -1,0 +1,187 @@
+"""The training loop shared by pre-training and linear evaluation (upstream train_one_epoch),
+resuming, and the throughput test."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+from yacs.config import CfgNode
+
+from ssl_runtime import device as devices
+from ssl_runtime.amp import MixedPrecision
+from ssl_runtime.distributed import DistContext
+from ssl_runtime.meters import AverageMeter, ThroughputMeter
+
+from .checkpoint import auto_resume_path, resume
+from .config import set_values
+
+THROUGHPUT_WARMUP_STEPS = 20  # the Ascend port also times only from the 20th iteration on
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides the model: optimizer, schedule, precision, budget, meters."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    mp: MixedPrecision
+    ctx: DistContext
+    logger: logging.Logger
+    throughput: ThroughputMeter
+    iterations_left: int = 0
+
+
+def last_epoch(config: CfgNode) -> int:
+    """One past the last epoch to train: EPOCHS, or MAX_EPOCHS when it truncates the schedule."""
+    if config.TRAIN.MAX_EPOCHS > 0:
+        return min(config.TRAIN.EPOCHS, config.TRAIN.MAX_EPOCHS)
+    return config.TRAIN.EPOCHS
+
+
+def planned_iterations(config: CfgNode, steps_per_epoch: int) -> int:
+    """Iterations this run will do: the remaining epochs (up to MAX_EPOCHS), capped by STEPS."""
+    iterations = (last_epoch(config) - config.TRAIN.START_EPOCH) * steps_per_epoch
+    if config.TRAIN.STEPS > 0:
+        iterations = min(iterations, config.TRAIN.STEPS)
+    return max(iterations, 0)
+
+
+def prepare_budget(config: CfgNode, state: TrainState, steps_per_epoch: int) -> None:
+    """Set the iteration budget and tell the throughput meter when the run ends."""
+    state.iterations_left = planned_iterations(config, steps_per_epoch)
+    meter = state.throughput
+    meter.total_steps = state.iterations_left // max(config.TRAIN.ACCUMULATION_STEPS, 1)
+    meter.warmup_steps = max(min(THROUGHPUT_WARMUP_STEPS, meter.total_steps // 2), 1)
+
+
+def optimizer_step(params: list[torch.Tensor], state: TrainState, clip_grad: float) -> torch.Tensor:
+    """Unscale, clip (or only measure) the gradient norm, step, clear gradients; no host sync."""
+    scaler = state.mp.scaler
+    scaler.unscale_(state.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else math.inf)
+    scaler.step(state.optimizer)
+    scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.throughput.step()
+    return grad_norm.detach()
+
+
+class RunningMean:
+    """Mean of 0-d device tensors, read (one host sync) only when a line is printed."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.count = 0
+        self.last: torch.Tensor | None = None
+
+    def update(self, value: torch.Tensor) -> None:
+        self.last = value
+        self.total = value if self.total is None else self.total + value
+        self.count += 1
+
+    def values(self) -> tuple[float, float]:
+        if self.total is None:
+            return 0.0, 0.0
+        return float(self.last), float(self.total) / self.count
+
+
+def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader, epoch: int,
+                    state: TrainState, compute_loss: Callable[[torch.nn.Module, tuple], torch.Tensor]) -> bool:
+    """One epoch of compute_loss(model, batch) -> backward -> clipped step -> per-step lr update.
+
+    With ACCUMULATION_STEPS > 1 the loss is divided by it and the optimizer steps every that many
+    iterations (upstream clips at every micro-step; clipping the summed gradient once is what
+    the clip is meant to do). Returns True when the iteration budget (--steps) ran out.
+    """
+    model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
+    num_steps = len(loader)
+    batch_time = AverageMeter()
+    losses, norms = RunningMean(), RunningMean()
+    start = end = time.time()
+    for idx, batch in enumerate(loader):
+        if state.iterations_left <= 0:
+            return True
+        state.iterations_left -= 1
+        batch = devices.to_device(batch, state.ctx.device)
+        boundary = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
+        # Between optimizer steps DDP need not all-reduce gradients.
+        quiet = model.no_sync() if not boundary and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with quiet:
+            with state.mp.autocast():
+                loss = compute_loss(model, batch)
+            state.mp.scaler.scale(loss / accumulation).backward()
+        if boundary:
+            norms.update(optimizer_step(params, state, config.TRAIN.CLIP_GRAD))
+            state.lr_scheduler.step_update(epoch * num_steps + idx)
+        losses.update(loss.detach().float())
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if idx % config.PRINT_FREQ == 0:
+            log_train_line(config, epoch, idx, num_steps, batch_time, state, losses, norms)
+    state.logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
+    return False
+
+
+def log_train_line(config: CfgNode, epoch: int, idx: int, num_steps: int, batch_time: AverageMeter,
+                   state: TrainState, losses: RunningMean, norms: RunningMean) -> None:
+    """Upstream's line, field for field (the launch scripts parse `time` and `loss` from it)."""
+    lr = state.optimizer.param_groups[0]["lr"]
+    memory = devices.max_memory_mb(state.ctx.device)
+    eta = batch_time.avg * (num_steps - idx)
+    loss, loss_avg = losses.values()
+    norm, norm_avg = norms.values()
+    state.logger.info(
+        f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
+        f"eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t"
+        f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
+        f"loss {loss:.4f} ({loss_avg:.4f})\t"
+        f"grad_norm {norm:.4f} ({norm_avg:.4f})\t"
+        f"mem {memory:.0f}MB")
+
+
+def maybe_resume(config: CfgNode, model: torch.nn.Module, state: TrainState) -> float:
+    """AUTO_RESUME from the output folder (it wins over --resume, as upstream), then resume."""
+    logger = state.logger
+    if config.TRAIN.AUTO_RESUME:
+        found = auto_resume_path(config.OUTPUT)
+        if found:
+            if config.MODEL.RESUME:
+                logger.warning(f"auto-resume changing resume file from {config.MODEL.RESUME} to {found}")
+            set_values(config, **{"MODEL.RESUME": str(found)})
+            logger.info(f"auto resuming from {found}")
+        else:
+            logger.info(f"no checkpoint found in {config.OUTPUT}, ignoring auto resume")
+    if not config.MODEL.RESUME:
+        return 0.0
+    return resume(config, model, state.optimizer, state.lr_scheduler, state.mp.scaler, logger)
+
+
+@torch.no_grad()
+def measure_throughput(loader: DataLoader, model: torch.nn.Module, ctx: DistContext,
+                       logger: logging.Logger) -> float:
+    """Upstream's throughput test: 50 warm-up and 30 timed forwards of one batch, eval mode."""
+    model.eval()
+    images = next(iter(loader))[0].to(ctx.device, non_blocking=True)
+    batch_size = images.shape[0]
+    for _ in range(50):
+        model(images)
+    devices.synchronize(ctx.device)
+    logger.info("throughput averaged with 30 times")
+    tic = time.time()
+    for _ in range(30):
+        model(images)
+    devices.synchronize(ctx.device)
+    throughput = 30 * batch_size / (time.time() - tic)
+    logger.info(f"batch_size {batch_size} throughput {throughput}")
+    return throughput

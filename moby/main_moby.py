@@ -1,0 +1,119 @@
+"""MoBY self-supervised pre-training (upstream Transformer-SSL moby_main.py).
+
+    python moby/main_moby.py --cfg configs/moby_swin_tiny.yaml --data-path <imagenet> --batch-size 64
+    torchrun --nproc_per_node=8 moby/main_moby.py --cfg configs/moby_swin_tiny.yaml ...
+
+Output folder: <--output>/<MODEL.NAME>/<--tag>, holding config.json, log_rank{r}.txt,
+ckpt_epoch_{e}.pth and checkpoint.pth; a rerun with the same folder resumes from it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import datetime  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from yacs.config import CfgNode  # noqa: E402
+
+from moby.checkpoint import save_checkpoint  # noqa: E402
+from moby.cli import add_pretrain_limits, base_parser, open_output, parse_config, start_run  # noqa: E402
+from moby.config import set_values  # noqa: E402
+from moby.data import build_pretrain_dataset  # noqa: E402
+from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, last_epoch, maybe_resume,  # noqa: E402
+                         measure_throughput, prepare_budget, train_one_epoch)
+from moby.model import build_moby, check_queue_size  # noqa: E402
+from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates  # noqa: E402
+from ssl_runtime.amp import MixedPrecision  # noqa: E402
+from ssl_runtime.data import build_loader, set_loader_epoch  # noqa: E402
+from ssl_runtime.distributed import DistContext, convert_sync_batchnorm, shutdown, wrap_ddp  # noqa: E402
+from ssl_runtime.errors import main_entry  # noqa: E402
+from ssl_runtime.meters import ThroughputMeter  # noqa: E402
+
+
+def moby_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+    view_1, view_2, _labels = batch
+    return model(view_1, view_2)
+
+
+def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
+    dataset = build_pretrain_dataset(config)
+    loader = build_loader(dataset, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, ctx,
+                          shuffle=True, drop_last=True)
+    set_values(config, **{"DATA.TRAINING_IMAGES": len(dataset), "MODEL.NUM_CLASSES": len(dataset.classes)})
+    steps_per_epoch = len(loader)
+
+    logger.info(f"Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME}")
+    moby = build_moby(config, steps_per_epoch)
+    moby = convert_sync_batchnorm(moby, ctx).to(ctx.device)
+    logger.info(str(moby))
+    optimizer = build_optimizer(config, moby, ctx.device_type)
+    mp = MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", ctx.device_type)
+    moby, optimizer = mp.prepare(moby, optimizer)
+    logger.info(f"mixed precision: {mp.describe()}")
+    model = wrap_ddp(moby, ctx, broadcast_buffers=False)
+    logger.info(f"number of params: {sum(p.numel() for p in moby.parameters() if p.requires_grad)}")
+
+    lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+    global_batch = config.DATA.BATCH_SIZE * ctx.world_size * max(config.TRAIN.ACCUMULATION_STEPS, 1)
+    throughput = ThroughputMeter(global_batch, warmup_steps=THROUGHPUT_WARMUP_STEPS, device=ctx.device)
+    state = TrainState(optimizer, lr_scheduler, mp, ctx, logger, throughput)
+    maybe_resume(config, moby, state)
+    if config.MODEL.RESUME:
+        # Upstream fixes the momentum position when the model is built, before the checkpoint is
+        # read, so a resumed run restarts the momentum schedule from its start; we continue it.
+        moby.step = config.TRAIN.START_EPOCH * steps_per_epoch
+
+    if config.THROUGHPUT_MODE:
+        measure_throughput(loader, moby.encoder, ctx, logger)
+        return
+    if config.EVAL_MODE:
+        from moby.eval_knn import knn_on_encoder
+
+        knn_on_encoder(config, moby.encoder, ctx, logger)
+        return
+
+    prepare_budget(config, state, steps_per_epoch)
+    logger.info("Start self-supervised pre-training")
+    start_time = time.time()
+    for epoch in range(config.TRAIN.START_EPOCH, last_epoch(config)):
+        if state.iterations_left <= 0:
+            break
+        set_loader_epoch(loader, epoch)
+        stopped = train_one_epoch(config, model, loader, epoch, state, moby_loss)
+        if stopped:
+            # Ascend's --steps exits here without saving; we keep the weights for evaluation.
+            logger.info(f"stopped after {config.TRAIN.STEPS} iterations (--steps) inside epoch {epoch}")
+        if ctx.is_main and (stopped or epoch % config.SAVE_FREQ == 0 or epoch == last_epoch(config) - 1):
+            save_checkpoint(config, epoch, moby, 0.0, optimizer, lr_scheduler, mp.scaler, logger)
+        if stopped:
+            break
+
+    logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    if throughput.timed_steps:
+        logger.info(throughput.summary_line())
+
+
+@main_entry
+def main(argv: list[str] | None = None) -> None:
+    parser = base_parser("MoBY training and evaluation script")
+    add_pretrain_limits(parser)
+    args, config = parse_config(parser, argv)
+    ctx = start_run(config, args)
+    try:
+        check_queue_size(config, ctx.world_size)
+        scale_learning_rates(config, ctx.world_size)
+        logger = open_output(config, ctx)
+        pretrain(config, ctx, logger)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

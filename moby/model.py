@@ -1,0 +1,182 @@
+"""MoBY: MoCo-style queues + BYOL-style predictor and momentum target (upstream models/moby.py).
+
+Online branch: encoder -> projector -> predictor. Target branch: encoder_k -> projector_k, an
+exponential moving average of the online encoder and projector (no predictor). Each view's
+prediction is contrasted against the other view's target key, with a queue of past keys of that
+view as negatives; the symmetric loss is CL(pred1, key2, queue2) + CL(pred2, key1, queue1).
+
+The state-dict layout (encoder., encoder_k., projector., projector_k., predictor., queue1,
+queue2, queue_ptr) is upstream's, so official MoBY checkpoints load into this module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from yacs.config import CfgNode
+
+from ssl_runtime.distributed import all_gather_cat
+from ssl_runtime.ema import ema_update_
+from ssl_runtime.errors import UserError
+from ssl_runtime.schedules import cosine_momentum
+
+from .backbones import build_encoder
+
+KEY_DIM = 256  # output size of projector and predictor (upstream's MoBYMLP out_dim)
+
+
+class MoBYMLP(nn.Module):
+    """(Linear-BN-ReLU) x (num_layers - 1), then Linear to out_dim.
+
+    Submodule names match upstream (linear_hidden.0 is an Identity, then triples), so
+    checkpoint keys such as projector.linear_hidden.1.weight line up.
+    """
+
+    def __init__(self, in_dim: int = KEY_DIM, inner_dim: int = 4096, out_dim: int = KEY_DIM,
+                 num_layers: int = 2):
+        super().__init__()
+        hidden: list[nn.Module] = [nn.Identity()]
+        for i in range(num_layers - 1):
+            hidden += [nn.Linear(in_dim if i == 0 else inner_dim, inner_dim),
+                       nn.BatchNorm1d(inner_dim), nn.ReLU(inplace=True)]
+        self.linear_hidden = nn.Sequential(*hidden)
+        if num_layers >= 1:
+            self.linear_out = nn.Linear(in_dim if num_layers == 1 else inner_dim, out_dim)
+        else:
+            self.linear_out = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_out(self.linear_hidden(x))
+
+
+def contrastive_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """InfoNCE with the positive at index 0: CE([q.k+, q.queue] / T, 0).
+
+    query, key: (N, D), L2-normalised; queue: (D, K) of L2-normalised negatives.
+    """
+    positive = (query * key).sum(dim=1, keepdim=True)
+    # A copy: the queue is overwritten in place by the enqueue that follows in the same forward,
+    # and autograd needs the values used here.
+    negatives = query @ queue.detach().clone()
+    logits = torch.cat([positive, negatives], dim=1) / temperature
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+class MoBY(nn.Module):
+    def __init__(self, encoder: nn.Module, encoder_k: nn.Module, contrast_momentum: float = 0.99,
+                 contrast_temperature: float = 0.2, contrast_num_negative: int = 4096,
+                 proj_num_layers: int = 2, pred_num_layers: int = 2, total_steps: int = 1):
+        super().__init__()
+        self.encoder = encoder
+        self.encoder_k = encoder_k
+        self.contrast_momentum = contrast_momentum
+        self.contrast_temperature = contrast_temperature
+        self.contrast_num_negative = contrast_num_negative
+
+        self.projector = MoBYMLP(in_dim=encoder.num_features, num_layers=proj_num_layers)
+        self.projector_k = MoBYMLP(in_dim=encoder.num_features, num_layers=proj_num_layers)
+        self.predictor = MoBYMLP(num_layers=pred_num_layers)
+
+        for online, target in ((self.encoder, self.encoder_k), (self.projector, self.projector_k)):
+            for p, p_k in zip(online.parameters(), target.parameters()):
+                p_k.data.copy_(p.data)
+                p_k.requires_grad = False  # the target follows by EMA only
+
+        # Momentum schedule position: k steps done out of K = steps per epoch * epochs.
+        self.total_steps = max(int(total_steps), 1)
+        self.step = 0
+
+        self.register_buffer("queue1", F.normalize(torch.randn(KEY_DIM, contrast_num_negative), dim=0))
+        self.register_buffer("queue2", F.normalize(torch.randn(KEY_DIM, contrast_num_negative), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # Host copy of queue_ptr so that enqueuing never waits for the device; re-read after loading.
+        self._ptr: int | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_ptr", None))
+
+    # ---------------------------------------------------------------- target branch
+    def momentum(self) -> float:
+        return cosine_momentum(self.contrast_momentum, self.step, self.total_steps)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """EMA of encoder/projector into encoder_k/projector_k, then advance the schedule."""
+        m = self.momentum()
+        self.step += 1
+        ema_update_(list(self.encoder_k.parameters()) + list(self.projector_k.parameters()),
+                    list(self.encoder.parameters()) + list(self.projector.parameters()), m)
+
+    @torch.no_grad()
+    def target_keys(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projector_k(self.encoder_k(images)), dim=1)
+
+    # ---------------------------------------------------------------- queues
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, keys1: torch.Tensor, keys2: torch.Tensor) -> None:
+        """Write every rank's keys over the oldest queue entries; the pointer wraps around."""
+        keys1, keys2 = all_gather_cat(keys1), all_gather_cat(keys2)
+        batch = keys1.shape[0]
+        if self.contrast_num_negative % batch:
+            raise UserError(queue_size_message(self.contrast_num_negative, batch))
+        if self._ptr is None:
+            self._ptr = int(self.queue_ptr)
+        ptr = self._ptr
+        self.queue1[:, ptr:ptr + batch] = keys1.T
+        self.queue2[:, ptr:ptr + batch] = keys2.T
+        self._ptr = (ptr + batch) % self.contrast_num_negative
+        self.queue_ptr.fill_(self._ptr)
+
+    # ---------------------------------------------------------------- forward
+    def online_predictions(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.predictor(self.projector(self.encoder(images))), dim=1)
+
+    def forward(self, im_1: torch.Tensor, im_2: torch.Tensor) -> torch.Tensor:
+        # One pass per view (not both views in one batch): BatchNorm statistics are per view,
+        # as upstream.
+        pred_1 = self.online_predictions(im_1)
+        pred_2 = self.online_predictions(im_2)
+
+        with torch.no_grad():
+            self.momentum_update()  # before the target pass, as upstream
+            key_1 = self.target_keys(im_1)
+            key_2 = self.target_keys(im_2)
+
+        loss = contrastive_loss(pred_1, key_2, self.queue2, self.contrast_temperature) \
+            + contrastive_loss(pred_2, key_1, self.queue1, self.contrast_temperature)
+
+        self.dequeue_and_enqueue(key_1, key_2)
+        return loss
+
+
+def queue_size_message(queue_size: int, global_batch: int) -> str:
+    return (f"MODEL.MOBY.CONTRAST_NUM_NEGATIVE ({queue_size}) must be a multiple of the global batch "
+            f"size ({global_batch} = batch size per process x processes): change --batch-size, the "
+            "number of processes, or the queue size with --opts MODEL.MOBY.CONTRAST_NUM_NEGATIVE N")
+
+
+def check_queue_size(config: CfgNode, world_size: int) -> None:
+    """Fail before training when the keys of one step would not tile the queue exactly."""
+    global_batch = config.DATA.BATCH_SIZE * world_size
+    if config.MODEL.MOBY.CONTRAST_NUM_NEGATIVE % global_batch:
+        raise UserError(queue_size_message(config.MODEL.MOBY.CONTRAST_NUM_NEGATIVE, global_batch))
+
+
+def build_moby(config: CfgNode, steps_per_epoch: int) -> MoBY:
+    """Online and target encoders (their own drop-path rates) wrapped in MoBY."""
+    moby = config.MODEL.MOBY
+    encoder = build_encoder(config, num_classes=0, drop_path_rate=moby.ONLINE_DROP_PATH_RATE)
+    encoder_k = build_encoder(config, num_classes=0, drop_path_rate=moby.TARGET_DROP_PATH_RATE)
+    return MoBY(encoder, encoder_k,
+                contrast_momentum=moby.CONTRAST_MOMENTUM,
+                contrast_temperature=moby.CONTRAST_TEMPERATURE,
+                contrast_num_negative=moby.CONTRAST_NUM_NEGATIVE,
+                proj_num_layers=moby.PROJ_NUM_LAYERS,
+                pred_num_layers=moby.PRED_NUM_LAYERS,
+                total_steps=steps_per_epoch * config.TRAIN.EPOCHS)
+
+
+def build_linear_classifier(config: CfgNode, drop_path_rate: float) -> nn.Module:
+    """The encoder with a classification `head` (upstream MODEL.TYPE 'linear')."""
+    return build_encoder(config, num_classes=config.MODEL.NUM_CLASSES, drop_path_rate=drop_path_rate)
