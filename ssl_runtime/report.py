@@ -1,0 +1,160 @@
+"""The Ascend ModelZoo result block, computed from the training and evaluation logs.
+
+The test/*.sh launch scripts call this after a run:
+
+    python -m ssl_runtime.report --train_log F [--eval_log F] --network N --rank_size R
+        --batch_size B --case_name C --e2e_seconds S --out_file PATH
+
+It prints the block Ascend users know (``Final Performance images/sec : ...``) and writes the
+key = value case file that Ascend's tooling collects.  Numbers come from the logs:
+
+- FPS and s/step: the last ``Throughput: X images/s (Y s/step ...`` line, printed by every
+  pretraining entry point (ssl_runtime.meters.ThroughputMeter).  X already counts the images of
+  all ranks, so it is not multiplied by the number of devices.
+- loss: the current value of the last DINO (``loss: 1.23 (``) or MoBY (``loss 1.23 (``) line.
+- accuracy: DINO k-NN ``10-NN classifier result: Top1: x``, MoBY linear ``Max accuracy: x%``,
+  or DINO linear ``Top-1 test accuracy: x``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ssl_runtime.errors import UserError, main_entry
+
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
+_ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # MoBY's console logger colours its prefix
+
+THROUGHPUT = re.compile(rf"Throughput:\s*({_NUMBER})\s*images/s\s*\(\s*({_NUMBER})\s*s/step")
+# DINO's MetricLogger writes `loss: 1.2345 (1.3)`, MoBY's train line `loss 1.2345 (1.3)`.
+LOSS = re.compile(rf"\bloss:?\s+({_NUMBER})\s+\(")
+# Tried in this order; a log holds one kind, and the last line of that kind wins.
+ACCURACY = (
+    re.compile(rf"\b10-NN classifier result: Top1:\s*({_NUMBER})"),
+    re.compile(rf"Max accuracy:\s*({_NUMBER})\s*%"),
+    re.compile(rf"Top-1 test accuracy:\s*({_NUMBER})"),
+)
+
+RULE = "------------------ Final result ------------------"
+
+
+@dataclass
+class TrainNumbers:
+    images_per_sec: str
+    sec_per_step: str
+    loss: str | None
+
+
+def _read_log(path: Path, what: str) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist: the run did not start; see the messages above")
+    text = path.read_text(errors="replace")
+    return _ANSI_COLOUR.sub("", text).splitlines()
+
+
+def _last_match(lines: list[str], pattern: re.Pattern) -> re.Match | None:
+    for line in reversed(lines):
+        found = list(pattern.finditer(line))
+        if found:
+            return found[-1]
+    return None
+
+
+def parse_train_log(path: str | Path) -> TrainNumbers:
+    """FPS, s/step and the last loss of a pretraining log."""
+    path = Path(path)
+    lines = _read_log(path, "training log")
+    throughput = _last_match(lines, THROUGHPUT)
+    if throughput is None:
+        raise UserError(f"no 'Throughput: ... images/s' line in {path}: training did not finish; "
+                        f"read {path} for the cause")
+    loss = _last_match(lines, LOSS)
+    return TrainNumbers(throughput.group(1), throughput.group(2), loss.group(1) if loss else None)
+
+
+def parse_accuracy(path: str | Path) -> str:
+    """Top-1 accuracy (percent, as printed) of a k-NN or linear evaluation log."""
+    path = Path(path)
+    lines = _read_log(path, "evaluation log")
+    for pattern in ACCURACY:
+        found = _last_match(lines, pattern)
+        if found is not None:
+            return found.group(1)
+    raise UserError(f"no accuracy line ('10-NN classifier result: Top1:' or 'Max accuracy:') in "
+                    f"{path}: evaluation did not finish; read {path} for the cause")
+
+
+def result_lines(train: TrainNumbers, accuracy: str | None, e2e_seconds: str) -> list[str]:
+    """The block printed on stdout."""
+    lines = [RULE, f"Final Performance images/sec : {train.images_per_sec}"]
+    if accuracy is not None:
+        lines.append(f"Final Train Accuracy : {accuracy}")
+    lines.append(f"E2E Training Duration sec : {e2e_seconds}")
+    return lines
+
+
+def case_lines(network: str, rank_size: int, batch_size: int, case_name: str, train: TrainNumbers,
+               accuracy: str | None, e2e_seconds: str) -> list[str]:
+    """The `key = value` case file of Ascend's tooling."""
+    lines = [
+        f"Network = {network}",
+        f"RankSize = {rank_size}",
+        f"BatchSize = {batch_size}",
+        f"DeviceType = {platform.machine()}",
+        f"CaseName = {case_name}",
+        f"ActualFPS = {train.images_per_sec}",
+        f"TrainingTime = {train.sec_per_step}",
+    ]
+    if accuracy is not None:
+        lines.append(f"TrainAccuracy = {accuracy}")
+    lines.append(f"ActualLoss = {train.loss if train.loss is not None else 'NA'}")
+    lines.append(f"E2ETrainingTime = {e2e_seconds}")
+    return lines
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Print the Ascend result block of a run and "
+                                     "write its case file.")
+    parser.add_argument("--train_log", help="pretraining log with the final 'Throughput:' line")
+    parser.add_argument("--eval_log", help="k-NN / linear evaluation log (accuracy runs)")
+    parser.add_argument("--network", help="e.g. DINO_ID3436_for_PyTorch")
+    parser.add_argument("--rank_size", type=int, help="number of devices")
+    parser.add_argument("--batch_size", type=int, help="batch size per device")
+    parser.add_argument("--case_name", help="e.g. DINO_ID3436_for_PyTorch_bs64_8p_acc")
+    parser.add_argument("--e2e_seconds", default="0", help="end-to-end wall time in seconds")
+    parser.add_argument("--out_file", help="case file to write")
+    parser.add_argument("--accuracy_only", action="store_true",
+                        help="only print 'Final Train Accuracy : X' from --eval_log")
+    return parser
+
+
+@main_entry
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.accuracy_only:
+        if not args.eval_log:
+            parser.error("--accuracy_only needs --eval_log")
+        print(f"Final Train Accuracy : {parse_accuracy(args.eval_log)}")
+        return
+    missing = [f"--{name}" for name in ("train_log", "network", "rank_size", "batch_size",
+                                        "case_name", "out_file") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"missing {', '.join(missing)}")
+
+    train = parse_train_log(args.train_log)
+    accuracy = parse_accuracy(args.eval_log) if args.eval_log else None
+    print("\n".join(result_lines(train, accuracy, args.e2e_seconds)), flush=True)
+    out_file = Path(args.out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text("\n".join(case_lines(args.network, args.rank_size, args.batch_size,
+                                             args.case_name, train, accuracy,
+                                             args.e2e_seconds)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

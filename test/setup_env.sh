@@ -1,0 +1,77 @@
+# Picks the Python interpreter that the launch scripts (test/*.sh) and tests/run.sh run with.
+# Sourced, not run:
+#
+#   source test/setup_env.sh
+#   ssl_setup_env || exit 1      # sets and exports SSL_PYTHON
+#
+# The choice, in order:
+#   1. SSL_PYTHON, when it is already set: used as it is.
+#   2. SSL_NO_VENV=1: python3 from PATH; the user manages the packages.
+#   3. python3 from PATH, when it already has torch, torchvision, timm and yacs (for example an
+#      Ascend conda environment with torch_npu, or an activated virtual environment).
+#   4. The repository's .venv: created and filled from requirements.txt when it is missing or when
+#      requirements.txt changed since the last install. A stamp file holding the hash of
+#      requirements.txt makes this check instant once the environment is in place.
+
+SSL_ENV_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SSL_REQUIRED_MODULES=(torch torchvision timm yacs)
+
+# True when the interpreter $1 can find every module of SSL_REQUIRED_MODULES (found, not imported:
+# importing torch takes seconds).
+ssl_python_has_requirements() {
+    "$1" - "${SSL_REQUIRED_MODULES[@]}" >/dev/null 2>&1 <<'EOF'
+import importlib.util, sys
+sys.exit(any(importlib.util.find_spec(name) is None for name in sys.argv[1:]))
+EOF
+}
+
+ssl_file_hash() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum "$1" | cut -d' ' -f1
+    else
+        python3 -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"
+    fi
+}
+
+# Make sure <repo>/.venv exists and holds requirements.txt; prints nothing when it already does.
+ssl_ensure_venv() {
+    local repo=$1
+    local venv=$repo/.venv requirements=$repo/requirements.txt
+    local stamp=$venv/.requirements.sha256
+    local wanted
+    wanted=$(ssl_file_hash "$requirements") || return 1
+    if [[ -x $venv/bin/python && -f $stamp && $(<"$stamp") == "$wanted" ]]; then
+        return 0
+    fi
+    if [[ ! -x $venv/bin/python ]]; then
+        echo "setup: creating the virtual environment $venv" >&2
+        if ! python3 -m venv "$venv"; then
+            echo "error: could not create $venv: install python3-venv, or set SSL_NO_VENV=1 to use" \
+                 "the current Python environment" >&2
+            return 1
+        fi
+    fi
+    echo "setup: installing $requirements into $venv (only when it changes)" >&2
+    if ! "$venv/bin/python" -m pip install -r "$requirements" >&2; then
+        echo "error: 'pip install -r $requirements' failed in $venv; fix the message above, or set" \
+             "SSL_NO_VENV=1 to use the current Python environment" >&2
+        return 1
+    fi
+    echo "$wanted" >"$stamp"
+}
+
+# Choose the interpreter (see the top of this file); exports SSL_PYTHON.
+ssl_setup_env() {
+    local repo=${1:-$SSL_ENV_REPO}
+    if [[ -n ${SSL_PYTHON:-} ]]; then
+        :
+    elif [[ ${SSL_NO_VENV:-0} == 1 ]] || ssl_python_has_requirements python3; then
+        SSL_PYTHON=$(command -v python3) || { echo "error: python3 is not on PATH" >&2; return 1; }
+    else
+        ssl_ensure_venv "$repo" || return 1
+        SSL_PYTHON=$repo/.venv/bin/python
+        PATH=$repo/.venv/bin:$PATH
+        export PATH
+    fi
+    export SSL_PYTHON
+}

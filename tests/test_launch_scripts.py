@@ -1,0 +1,325 @@
+"""The Ascend-style launch scripts in test/: syntax, flag parsing, resolved commands, and the
+whole flow (launch, logs, result block, exit codes) with stand-in programs."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_DIR = REPO / "test"
+ENTRY_SCRIPTS = ["train_full_1p.sh", "train_full_8p.sh", "train_performance_1p.sh",
+                 "train_performance_8p.sh", "eval_knn.sh", "eval_linear.sh"]
+SOURCED = ["common.sh", "setup_env.sh", "env_npu.sh"]
+
+
+def script_env(tmp_path: Path, **extra: str) -> dict:
+    env = {**os.environ, "SSL_PYTHON": sys.executable, "SSL_TEST_OUTPUT": str(tmp_path / "output")}
+    env.pop("SSL_DEVICE", None)
+    env.update(extra)
+    return env
+
+
+def run_script(name: str, *flags: str, tmp_path: Path, timeout: int = 120,
+               **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(TEST_DIR / name), *flags], capture_output=True, text=True,
+                          env=script_env(tmp_path, **extra), timeout=timeout)
+
+
+def dry_run(name: str, *flags: str, tmp_path: Path) -> tuple[dict, dict]:
+    """Resolved settings (KEY=value lines) and commands (PRETRAIN/EVAL: word lists)."""
+    done = run_script(name, *flags, "--dry_run", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    settings, commands = {}, {}
+    for line in done.stdout.splitlines():
+        if line.startswith(("PRETRAIN: ", "EVAL: ")):
+            key, command = line.split(": ", 1)
+            commands[key] = shlex.split(command)
+        elif "=" in line:
+            key, value = line.split("=", 1)
+            settings[key] = value
+    return settings, commands
+
+
+def flag_value(words: list[str], flag: str) -> str:
+    assert flag in words, f"{flag} missing from {words}"
+    return words[words.index(flag) + 1]
+
+
+@pytest.mark.parametrize("name", ENTRY_SCRIPTS + SOURCED)
+def test_scripts_are_valid_bash(name):
+    done = subprocess.run(["bash", "-n", str(TEST_DIR / name)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("name", ENTRY_SCRIPTS)
+def test_entry_scripts_are_executable(name):
+    assert os.access(TEST_DIR / name, os.X_OK)
+
+
+def test_unknown_flag_fails_and_lists_the_flags(tmp_path):
+    done = run_script("train_full_1p.sh", "--lr=3", tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert "unknown argument '--lr=3'" in done.stderr
+    for flag in ("--data_path=", "--model=", "--batch_size=", "--epochs=", "--device=", "--nproc=",
+                 "--cfg=", "--steps=", "--conda_name="):
+        assert flag in done.stderr
+    assert not (tmp_path / "output").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model=simclr"], "choose dino or moby"),
+    (["--device=tpu"], "choose auto, npu, cuda or cpu"),
+    (["--batch_size=abc"], "--batch_size=abc: expected a positive whole number"),
+    (["--nproc=0"], "--nproc=0: expected a positive whole number"),
+    (["--data_path=/no/such/folder"], "--data_path=/no/such/folder is not a folder"),
+    (["--cfg=configs/moby_swin_cpu.yaml"], "--cfg is a MoBY option"),
+    (["--model=moby", "--cfg=nope.yaml"], "--cfg=nope.yaml: no such file"),
+    (["--checkpoint=x.pth"], "--checkpoint is for eval_knn.sh and eval_linear.sh"),
+])
+def test_bad_values_are_rejected(tmp_path, flags, message):
+    done = run_script("train_full_1p.sh", "--device=cpu", *flags, "--dry_run", tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_eval_scripts_need_an_existing_checkpoint(tmp_path):
+    done = run_script("eval_knn.sh", "--device=cpu", tmp_path=tmp_path)
+    assert done.returncode == 2 and "--checkpoint=FILE is required" in done.stderr
+    done = run_script("eval_linear.sh", "--device=cpu", f"--checkpoint={tmp_path}/none.pth",
+                      tmp_path=tmp_path)
+    assert done.returncode == 2 and "no such file" in done.stderr
+    (tmp_path / "ck.pth").write_bytes(b"x")
+    done = run_script("eval_knn.sh", "--model=moby", f"--checkpoint={tmp_path}/ck.pth",
+                      tmp_path=tmp_path)
+    assert done.returncode == 2 and "use eval_linear.sh for MoBY" in done.stderr
+
+
+def test_parse_functions_can_be_used_without_running_anything(tmp_path):
+    """common.sh only defines functions when sourced; parse + resolve print the settings."""
+    code = ("source test/common.sh && ssl_parse_args perf --nproc=3 --device=cpu --model=moby "
+            "--epochs=7 && ssl_resolve perf 1 && ssl_print_settings")
+    done = subprocess.run(["bash", "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env=script_env(tmp_path), timeout=60)
+    assert done.returncode == 0, done.stderr
+    settings = dict(line.split("=", 1) for line in done.stdout.splitlines())
+    assert settings["NPROC"] == "3" and settings["EPOCHS"] == "7" and settings["STEPS"] == "20"
+    assert settings["CASE_NAME"] == "Transformer-SSL_ID3434_for_PyTorch_bs64_3p_perf"
+
+
+def test_full_8p_dino_defaults_on_cpu(tmp_path):
+    settings, commands = dry_run("train_full_8p.sh", "--device=cpu", tmp_path=tmp_path)
+    out = tmp_path / "output" / "0"
+    assert settings["NPROC"] == "8" and settings["MODEL"] == "dino"
+    assert settings["CASE_NAME"] == "DINO_ID3436_for_PyTorch_bs64_8p_acc"
+    assert settings["CASE_FILE"] == str(out / "DINO_ID3436_for_PyTorch_bs64_8p_acc.log")
+    assert settings["TRAIN_LOG"] == str(out / "train_0.log")
+    pretrain, evaluation = commands["PRETRAIN"], commands["EVAL"]
+    assert pretrain[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node=8"]
+    assert pretrain[5] == "dino/main_dino.py"
+    assert flag_value(pretrain, "--batch_size_per_gpu") == "64"
+    assert flag_value(pretrain, "--device") == "cpu"
+    assert flag_value(pretrain, "--arch") == "vit_tiny"
+    assert "--data_path" not in pretrain and "--num_steps" not in pretrain  # default dataset
+    assert evaluation[5] == "dino/eval_knn.py"
+    assert flag_value(evaluation, "--pretrained_weights") == settings["RUN_DIR"] + "/checkpoint.pth"
+    assert flag_value(evaluation, "--checkpoint_key") == "teacher"
+
+
+def test_nproc_overrides_and_one_process_uses_plain_python(tmp_path, tiny_imagefolder):
+    settings, commands = dry_run("train_full_1p.sh", "--device=cpu", "--nproc=2",
+                                 f"--data_path={tiny_imagefolder}", tmp_path=tmp_path)
+    assert settings["CASE_NAME"].endswith("_2p_acc")
+    assert "--nproc_per_node=2" in commands["PRETRAIN"]
+    assert flag_value(commands["PRETRAIN"], "--data_path") == str(tiny_imagefolder)
+    assert flag_value(commands["EVAL"], "--data_path") == str(tiny_imagefolder)
+    _, commands = dry_run("train_full_1p.sh", "--device=cpu", tmp_path=tmp_path)
+    assert commands["PRETRAIN"][:3] == [sys.executable, "-u", "dino/main_dino.py"]
+
+
+def test_performance_runs_have_steps_and_no_evaluation(tmp_path):
+    settings, commands = dry_run("train_performance_1p.sh", "--device=cuda", tmp_path=tmp_path)
+    assert settings["CASE_NAME"] == "DINO_ID3436_for_PyTorch_bs64_1p_perf"
+    assert flag_value(commands["PRETRAIN"], "--num_steps") == "200"
+    assert flag_value(commands["PRETRAIN"], "--epochs") == "100"
+    assert flag_value(commands["PRETRAIN"], "--arch") == "vit_small"
+    assert "EVAL" not in commands
+    _, commands = dry_run("train_performance_8p.sh", "--device=cpu", "--steps=9", tmp_path=tmp_path)
+    assert flag_value(commands["PRETRAIN"], "--num_steps") == "9"
+
+
+def test_moby_commands(tmp_path, tiny_imagefolder):
+    settings, commands = dry_run("train_full_8p.sh", "--model=moby", "--device=npu",
+                                 f"--data_path={tiny_imagefolder}", "--conda_name=ascend",
+                                 "--bin=True", tmp_path=tmp_path)
+    assert settings["CASE_NAME"] == "Transformer-SSL_ID3434_for_PyTorch_bs128_8p_acc"
+    pretrain, linear = commands["PRETRAIN"], commands["EVAL"]
+    assert pretrain[5] == "moby/main_moby.py"
+    assert flag_value(pretrain, "--cfg") == "configs/moby_swin_tiny.yaml"
+    assert flag_value(pretrain, "--batch-size") == "128"
+    assert flag_value(pretrain, "--max_epochs") == "100"
+    assert flag_value(pretrain, "--data-path") == str(tiny_imagefolder)
+    assert flag_value(pretrain, "--tag") == "pretrain"
+    assert linear[5] == "moby/main_linear.py"
+    assert flag_value(linear, "--cfg") == "configs/moby_swin_tiny_linear.yaml"
+    _, commands = dry_run("train_performance_1p.sh", "--model=moby", "--device=cpu",
+                          tmp_path=tmp_path)
+    assert flag_value(commands["PRETRAIN"], "--cfg") == "configs/moby_swin_cpu.yaml"
+    assert flag_value(commands["PRETRAIN"], "--steps") == "20"
+
+
+def test_eval_scripts_commands(tmp_path):
+    checkpoint = tmp_path / "teacher.pth"
+    checkpoint.write_bytes(b"x")
+    _, commands = dry_run("eval_knn.sh", "--device=cpu", f"--checkpoint={checkpoint}",
+                          tmp_path=tmp_path)
+    assert "PRETRAIN" not in commands
+    assert commands["EVAL"][2] == "dino/eval_knn.py"
+    assert flag_value(commands["EVAL"], "--pretrained_weights") == str(checkpoint)
+    _, commands = dry_run("eval_linear.sh", "--model=moby", "--device=cpu",
+                          f"--checkpoint={checkpoint}", tmp_path=tmp_path)
+    assert flag_value(commands["EVAL"], "--pretrained") == str(checkpoint)
+    assert flag_value(commands["EVAL"], "--cfg") == "configs/moby_swin_cpu_linear.yaml"
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole flow with stand-in programs: they print what the real ones print, instantly.
+
+STUB_DINO_PRETRAIN = """\
+import argparse, os, sys
+p = argparse.ArgumentParser(); p.add_argument("--output_dir"); p.add_argument("--fail", default=None)
+args, _ = p.parse_known_args()
+os.makedirs(args.output_dir, exist_ok=True)
+open(os.path.join(args.output_dir, "checkpoint.pth"), "wb").write(b"stub")
+print("Epoch: [0/1]  [0/2]  eta: 0:00:01  loss: 8.500000 (8.500000)  lr: 0.000001 (0.000001)")
+print("Epoch: [0/1]  [1/2]  eta: 0:00:00  loss: 8.250000 (8.375000)  lr: 0.000002 (0.000002)")
+print("Throughput: 321.50 images/s (0.1991 s/step over 10 steps after 5 warm-up, global batch 64)")
+"""
+
+STUB_DINO_KNN = """\
+import argparse, os, sys
+p = argparse.ArgumentParser(); p.add_argument("--pretrained_weights")
+args, _ = p.parse_known_args()
+if not os.path.isfile(args.pretrained_weights):
+    sys.exit("no checkpoint at " + args.pretrained_weights)
+if os.environ.get("STUB_FAIL"):
+    print("Traceback: something broke", file=sys.stderr); sys.exit(3)
+print("10-NN classifier result: Top1: 55.5, Top5: 90.0")
+print("20-NN classifier result: Top1: 56.5, Top5: 91.0")
+"""
+
+STUB_MOBY_PRETRAIN = """\
+import argparse, os
+p = argparse.ArgumentParser(); p.add_argument("--output"); p.add_argument("--tag")
+args, _ = p.parse_known_args()
+folder = os.path.join(args.output, "moby__stub", args.tag)
+os.makedirs(folder, exist_ok=True)
+open(os.path.join(folder, "checkpoint.pth"), "wb").write(b"stub")
+print("[x] INFO Train: [0/1][0/2]\\teta 0:00:01 lr 0.000100\\ttime 0.5 (0.5)\\tloss 16.2500 (16.2500)")
+print("[x] INFO Throughput: 99.25 images/s (0.6448 s/step over 8 steps after 2 warm-up, global batch 64)")
+"""
+
+STUB_MOBY_LINEAR = """\
+import argparse, os, sys
+p = argparse.ArgumentParser(); p.add_argument("--pretrained")
+args, _ = p.parse_known_args()
+assert os.path.isfile(args.pretrained), args.pretrained
+print("[x] INFO Max accuracy: 61.25%")
+"""
+
+
+@pytest.fixture
+def stubs(tmp_path: Path) -> dict:
+    folder = tmp_path / "stubs"
+    folder.mkdir()
+    paths = {}
+    for name, text in (("DINO_PRETRAIN", STUB_DINO_PRETRAIN), ("DINO_EVAL_KNN", STUB_DINO_KNN),
+                       ("MOBY_PRETRAIN", STUB_MOBY_PRETRAIN), ("MOBY_LINEAR", STUB_MOBY_LINEAR)):
+        path = folder / f"{name.lower()}.py"
+        path.write_text(text)
+        paths[name] = str(path)
+    return paths
+
+
+def test_full_run_prints_the_result_block_and_writes_the_case_file(tmp_path, stubs, tiny_imagefolder):
+    done = run_script("train_full_1p.sh", "--device=cpu", f"--data_path={tiny_imagefolder}",
+                      tmp_path=tmp_path, **stubs)
+    assert done.returncode == 0, done.stdout + done.stderr
+    block = done.stdout.splitlines()[-4:]
+    assert block[:3] == ["------------------ Final result ------------------",
+                         "Final Performance images/sec : 321.50", "Final Train Accuracy : 55.5"]
+    assert block[3].startswith("E2E Training Duration sec : ")
+    out = tmp_path / "output" / "0"
+    case = (out / "DINO_ID3436_for_PyTorch_bs64_1p_acc.log").read_text().splitlines()
+    assert case[0] == "Network = DINO_ID3436_for_PyTorch"
+    assert "RankSize = 1" in case and "BatchSize = 64" in case
+    assert "TrainAccuracy = 55.5" in case and "ActualLoss = 8.250000" in case
+    assert "TrainingTime = 0.1991" in case
+    assert "Throughput" in (out / "train_0.log").read_text()
+    assert "10-NN" in (out / "eval_0.log").read_text()
+
+
+def test_failing_stage_exits_non_zero_naming_its_log(tmp_path, stubs, tiny_imagefolder):
+    done = run_script("train_full_1p.sh", "--device=cpu", f"--data_path={tiny_imagefolder}",
+                      tmp_path=tmp_path, STUB_FAIL="1", **stubs)
+    eval_log = tmp_path / "output" / "0" / "eval_0.log"
+    assert done.returncode == 3
+    assert f"evaluation failed (exit 3); read {eval_log}" in done.stderr
+    assert "something broke" in done.stderr  # the log's last lines are shown
+    assert "Final result" not in done.stdout
+
+
+def test_moby_full_run_finds_the_pretrained_checkpoint(tmp_path, stubs, tiny_imagefolder):
+    done = run_script("train_full_1p.sh", "--model=moby", "--device=cpu",
+                      f"--data_path={tiny_imagefolder}", tmp_path=tmp_path, **stubs)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Final Performance images/sec : 99.25" in done.stdout
+    assert "Final Train Accuracy : 61.25" in done.stdout
+    case = tmp_path / "output" / "0" / "Transformer-SSL_ID3434_for_PyTorch_bs64_1p_acc.log"
+    assert "ActualLoss = 16.2500" in case.read_text()
+
+
+def test_performance_run_without_throughput_line_fails(tmp_path, stubs, tiny_imagefolder):
+    silent = tmp_path / "stubs" / "silent.py"
+    silent.write_text("print('Epoch: [0/1]  [0/2]  loss: 1.0 (1.0)')\n")
+    done = run_script("train_performance_1p.sh", "--device=cpu", f"--data_path={tiny_imagefolder}",
+                      tmp_path=tmp_path, **{**stubs, "DINO_PRETRAIN": str(silent)})
+    assert done.returncode == 2
+    assert f"read {tmp_path / 'output' / '0' / 'train_0.log'}" in done.stderr
+
+
+def test_setup_env_prefers_a_ready_venv_and_honours_overrides(tmp_path):
+    """Choice of interpreter without installing anything: a fake repository with a stamped .venv."""
+    repo = tmp_path / "repo"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / "requirements.txt").write_text("torch\n")
+    fake_python = repo / ".venv" / "bin" / "python"
+    fake_python.write_text("#!/bin/sh\nexit 0\n")
+    fake_python.chmod(0o755)
+    no_torch = tmp_path / "bin"  # a python3 on PATH that has none of the requirements
+    no_torch.mkdir()
+    (no_torch / "python3").write_text("#!/bin/sh\nexit 1\n")
+    (no_torch / "python3").chmod(0o755)
+    code = ('source test/setup_env.sh; '
+            '(cd "$1" && sha256sum requirements.txt | cut -d" " -f1 > .venv/.requirements.sha256); '
+            'ssl_setup_env "$1" && echo "$SSL_PYTHON"')
+    env = {**os.environ, "PATH": f"{no_torch}:{os.environ['PATH']}"}
+    env.pop("SSL_PYTHON", None)
+    env.pop("SSL_NO_VENV", None)
+    done = subprocess.run(["bash", "-c", code, "bash", str(repo)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(fake_python)
+    assert "installing" not in done.stderr
+    done = subprocess.run(["bash", "-c", code, "bash", str(repo)], capture_output=True, text=True,
+                          cwd=REPO, env={**env, "SSL_NO_VENV": "1"}, timeout=60)
+    assert done.stdout.strip() == str(no_torch / "python3")
+    done = subprocess.run(["bash", "-c", code, "bash", str(repo)], capture_output=True, text=True,
+                          cwd=REPO, env={**env, "SSL_PYTHON": "/opt/py"}, timeout=60)
+    assert done.stdout.strip() == "/opt/py"
