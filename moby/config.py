@@ -159,9 +159,9 @@ def default_config() -> CN:
 
 def _explain_merge_error(exc: Exception, source: str) -> UserError:
     """Turn yacs' KeyError / ValueError / AssertionError into one line the user can act on."""
-    text = exc.args[0] if exc.args else str(exc)
-    if isinstance(exc, KeyError) and "Non-existent config key" in str(text):
-        key = str(text).split(":", 1)[1].strip()
+    text = str(exc.args[0] if exc.args else exc)
+    if text.startswith("Non-existent"):  # yacs: "Non-existent config key: X" / "Non-existent key: X"
+        key = text.split(":", 1)[1].strip()
         return UserError(f"unknown config key {key} in {source}: check its spelling against "
                          "moby/config.py (keys are upper case, e.g. TRAIN.EPOCHS)")
     return UserError(f"bad config value in {source}: {text}")

@@ -1,0 +1,122 @@
+"""MoBY's yacs configuration: defaults, YAML merge with BASE inheritance, --opts, CLI shortcuts
+and clear errors for unknown keys."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from moby.cli import add_pretrain_limits, base_parser, parse_config
+from moby.config import default_config, get_config, save_config
+from ssl_runtime.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def args_for(cfg, opts=None, **extra) -> argparse.Namespace:
+    return argparse.Namespace(cfg=str(cfg), opts=opts, **extra)
+
+
+def test_defaults_match_upstream():
+    c = default_config()
+    assert (c.DATA.BATCH_SIZE, c.DATA.IMG_SIZE, c.DATA.NUM_WORKERS) == (64, 224, 8)
+    assert c.MODEL.SWIN.DEPTHS == [2, 2, 6, 2] and c.MODEL.SWIN.NUM_HEADS == [3, 6, 12, 24]
+    assert c.MODEL.SWIN.NORM_BEFORE_MLP == "ln"
+    moby = c.MODEL.MOBY
+    assert (moby.ONLINE_DROP_PATH_RATE, moby.TARGET_DROP_PATH_RATE) == (0.1, 0.0)
+    assert (moby.CONTRAST_MOMENTUM, moby.CONTRAST_TEMPERATURE, moby.CONTRAST_NUM_NEGATIVE) == (0.99, 0.2, 4096)
+    t = c.TRAIN
+    assert (t.EPOCHS, t.WARMUP_EPOCHS, t.WEIGHT_DECAY, t.BASE_LR, t.WARMUP_LR, t.MIN_LR, t.CLIP_GRAD) == \
+        (300, 20, 0.05, 5e-4, 5e-7, 5e-6, 5.0)
+    assert t.OPTIMIZER.BETAS == (0.9, 0.999) and t.LR_SCHEDULER.NAME == "cosine"
+    assert (c.SAVE_FREQ, c.PRINT_FREQ, c.SEED, c.TAG) == (1, 10, 0, "default")
+    # our additions have neutral defaults
+    assert (t.STEPS, t.MAX_EPOCHS, c.DEVICE) == (0, 0, "auto")
+
+
+def test_swin_tiny_yaml_and_output_folder(tmp_path):
+    c = get_config(args_for(CONFIGS / "moby_swin_tiny.yaml", output=str(tmp_path), tag="run1"))
+    assert (c.TRAIN.EPOCHS, c.TRAIN.WARMUP_EPOCHS, c.TRAIN.BASE_LR) == (300, 5, 0.001)
+    assert c.AUG.SSL_AUG is True and c.MODEL.TYPE == "moby"
+    assert c.MODEL.MOBY.ONLINE_DROP_PATH_RATE == 0.2
+    assert c.OUTPUT == str(tmp_path / c.MODEL.NAME / "run1")
+    assert c.is_frozen()
+    saved = save_config(c, tmp_path)
+    assert saved.name == "config.json" and "CONTRAST_NUM_NEGATIVE: 4096" in saved.read_text()
+
+
+def test_base_inheritance_and_override():
+    bn = get_config(args_for(CONFIGS / "moby_swin_tiny_bn.yaml"))
+    tiny = get_config(args_for(CONFIGS / "moby_swin_tiny.yaml"))
+    assert bn.MODEL.SWIN.NORM_BEFORE_MLP == "bn" and tiny.MODEL.SWIN.NORM_BEFORE_MLP == "ln"
+    assert bn.TRAIN.BASE_LR == tiny.TRAIN.BASE_LR == 0.001  # inherited from the base file
+    assert bn.MODEL.NAME != tiny.MODEL.NAME and "_bn_" in bn.MODEL.NAME
+
+
+def test_nested_base_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("TRAIN:\n  EPOCHS: 7\n  BASE_LR: 0.5\n")
+    (tmp_path / "b.yaml").write_text("BASE: ['a.yaml']\nTRAIN:\n  EPOCHS: 9\n")
+    c = get_config(args_for(tmp_path / "b.yaml"))
+    assert (c.TRAIN.EPOCHS, c.TRAIN.BASE_LR) == (9, 0.5)
+
+
+def test_opts_then_cli_shortcuts_win():
+    parser = base_parser("t")
+    add_pretrain_limits(parser)
+    args, c = parse_config(parser, ["--cfg", str(CONFIGS / "moby_swin_cpu.yaml"),
+                                    "--opts", "TRAIN.EPOCHS", "3", "MODEL.SWIN.DEPTHS", "[1, 1]",
+                                    "DATA.BATCH_SIZE", "16",
+                                    "--batch-size", "32", "--steps", "5", "--max_epochs", "2",
+                                    "--accumulation-steps", "2", "--use-checkpoint", "--tag", "x",
+                                    "--local-rank", "1", "--device", "cpu"])
+    assert c.TRAIN.EPOCHS == 3 and c.MODEL.SWIN.DEPTHS == [1, 1]
+    assert c.DATA.BATCH_SIZE == 32  # --batch-size is applied after --opts, as upstream
+    assert (c.TRAIN.STEPS, c.TRAIN.MAX_EPOCHS, c.TRAIN.ACCUMULATION_STEPS) == (5, 2, 2)
+    assert c.TRAIN.USE_CHECKPOINT is True and c.TAG == "x" and c.LOCAL_RANK == 1
+    assert c.DEVICE == "cpu" and c.AMP_OPT_LEVEL == "O1"  # upstream's default level
+    args, c = parse_config(parser, ["--cfg", str(CONFIGS / "moby_swin_cpu.yaml"), "--epochs", "4"])
+    assert c.TRAIN.EPOCHS == 4 and c.DEVICE == "auto" and c.LOCAL_RANK == 0
+
+
+def test_unknown_key_in_yaml_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("TRAIN:\n  EPOCHZ: 3\n")
+    with pytest.raises(UserError) as err:
+        get_config(args_for(bad))
+    assert "TRAIN.EPOCHZ" in str(err.value) and str(bad) in str(err.value)
+
+
+def test_unknown_key_in_base_file_names_that_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("MODEL:\n  MOBY:\n    QUEUE: 3\n")
+    (tmp_path / "child.yaml").write_text("BASE: ['base.yaml']\n")
+    with pytest.raises(UserError) as err:
+        get_config(args_for(tmp_path / "child.yaml"))
+    assert "MODEL.MOBY.QUEUE" in str(err.value) and "base.yaml" in str(err.value)
+
+
+def test_unknown_key_and_bad_pairs_in_opts():
+    with pytest.raises(UserError, match=r"TRAIN\.EPOCHZ in --opts"):
+        get_config(args_for(CONFIGS / "moby_swin_cpu.yaml", opts=["TRAIN.EPOCHZ", "3"]))
+    with pytest.raises(UserError, match="KEY VALUE pairs"):
+        get_config(args_for(CONFIGS / "moby_swin_cpu.yaml", opts=["TRAIN.EPOCHS"]))
+    with pytest.raises(UserError, match="--opts"):
+        get_config(args_for(CONFIGS / "moby_swin_cpu.yaml", opts=["TRAIN.EPOCHS", "'many'"]))
+
+
+def test_missing_config_file_and_zip_refused(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        get_config(args_for(tmp_path / "nope.yaml"))
+    parser = base_parser("t")
+    for flag in (["--zip"], ["--cache-mode", "full"]):
+        with pytest.raises(UserError, match="not supported"):
+            parse_config(parser, ["--cfg", str(CONFIGS / "moby_swin_cpu.yaml"), *flag])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("moby_*.yaml")))
+def test_every_shipped_config_loads(name):
+    c = get_config(args_for(CONFIGS / name))
+    assert c.MODEL.TYPE == "moby" and c.AUG.SSL_AUG
+    if name.endswith("_linear.yaml"):
+        assert c.LINEAR_EVAL.EPOCHS > 0

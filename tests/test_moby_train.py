@@ -1,0 +1,136 @@
+"""End-to-end MoBY runs on a tiny ImageFolder: pre-training, resume, --steps, linear evaluation,
+k-NN evaluation, user errors, and a 2-process gloo run whose keys are gathered into the queues."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moby import eval_knn, main_linear, main_moby
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_CFG = str(ROOT / "configs" / "moby_swin_cpu.yaml")
+QUEUE = 32
+TINY = ["MODEL.SWIN.EMBED_DIM", "12", "MODEL.SWIN.DEPTHS", "[1, 1]", "MODEL.SWIN.NUM_HEADS", "[1, 2]",
+        "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", str(QUEUE), "DATA.NUM_WORKERS", "0", "PRINT_FREQ", "1",
+        "TRAIN.WARMUP_EPOCHS", "1"]
+NAME = "moby__swin_cpu__patch2_window4_32__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2"
+
+
+def pretrain_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--cfg", CPU_CFG, "--data-path", str(data), "--batch-size", "8", "--output", str(out),
+            "--tag", "t", "--device", "cpu", *extra, "--opts", *TINY]
+
+
+def run_dir(out: Path) -> Path:
+    return out / NAME / "t"
+
+
+def test_pretrain_then_resume_with_more_epochs(tiny_imagefolder, tmp_path, capsys):
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path, "--epochs", "1"))
+    folder = run_dir(tmp_path)
+    for name in ("config.json", "log_rank0.txt", "checkpoint.pth", "ckpt_epoch_0.pth"):
+        assert (folder / name).is_file(), name
+    stdout = capsys.readouterr().out
+    assert "Train: [0/1][0/3]\teta " in stdout and "\tloss " in stdout and "\tgrad_norm " in stdout
+    assert "Throughput: " in stdout and "images/s" in stdout
+    first = torch.load(folder / "checkpoint.pth", weights_only=False)
+    assert first["epoch"] == 0
+    # one 3-step epoch of 8 images per step filled 24 of the 32 queue slots
+    assert int(first["model"]["queue_ptr"]) == 24
+
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path, "--epochs", "2"))
+    stdout = capsys.readouterr().out
+    assert "auto resuming from" in stdout
+    assert "Train: [1/2][0/3]" in stdout and "Train: [0/2]" not in stdout
+    second = torch.load(folder / "checkpoint.pth", weights_only=False)
+    assert second["epoch"] == 1 and (folder / "ckpt_epoch_1.pth").is_file()
+    assert int(second["model"]["queue_ptr"]) == (24 + 24) % QUEUE
+    changed = [k for k in first["model"] if k.startswith("encoder.")
+               and not torch.equal(first["model"][k], second["model"][k])]
+    assert changed  # the second run trained
+
+
+def test_steps_and_max_epochs_limit_the_run(tiny_imagefolder, tmp_path, capsys):
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path / "a", "--steps", "2", "--epochs", "5"))
+    out = capsys.readouterr().out
+    assert "stopped after 2 iterations" in out and "Train: [0/5][1/3]" in out and "[0/5][2/3]" not in out
+    saved = torch.load(run_dir(tmp_path / "a") / "checkpoint.pth", weights_only=False)
+    assert int(saved["model"]["queue_ptr"]) == 16
+
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path / "b", "--epochs", "5", "--max_epochs", "1"))
+    out = capsys.readouterr().out
+    assert "Train: [0/5][2/3]" in out and "Train: [1/5]" not in out
+    assert sorted(p.name for p in run_dir(tmp_path / "b").glob("ckpt_*")) == ["ckpt_epoch_0.pth"]
+
+
+def test_linear_and_knn_evaluation(tiny_imagefolder, tmp_path, capsys):
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path, "--epochs", "1"))
+    checkpoint = run_dir(tmp_path) / "checkpoint.pth"
+    capsys.readouterr()
+    main_linear.main(["--cfg", str(ROOT / "configs" / "moby_swin_cpu_linear.yaml"), "--data-path",
+                      str(tiny_imagefolder), "--batch-size", "8", "--output", str(tmp_path / "lin"), "--tag", "t",
+                      "--pretrained", str(checkpoint), "--epochs", "2", "--lr", "4.0", "--device", "cpu",
+                      "--opts", *TINY])
+    out = capsys.readouterr().out
+    assert f"loaded pretrained checkpoint from: {checkpoint}" in out
+    assert out.count(" * Acc@1 ") == 2 and "Max accuracy: " in out
+    assert "Train: [1/2]" in out and "Train: [2/" not in out  # --epochs overrides LINEAR_EVAL.EPOCHS
+    assert (tmp_path / "lin" / NAME / "t" / "linear" / "checkpoint.pth").is_file()
+    max_accuracy = float(out.split("Max accuracy: ")[-1].split("%")[0])
+    assert 0.0 <= max_accuracy <= 100.0
+
+    eval_knn.main(["--cfg", CPU_CFG, "--data-path", str(tiny_imagefolder), "--output", str(tmp_path),
+                   "--tag", "t", "--nb_knn", "5", "20", "--device", "cpu", "--opts", *TINY])
+    out = capsys.readouterr().out
+    for k in (5, 20):
+        assert f"{k}-NN classifier result: Top1: " in out
+    top1 = float(out.split("5-NN classifier result: Top1: ")[1].split(",")[0])
+    assert top1 > 50.0  # the tiny classes differ by which third of the image is bright
+
+
+def test_user_errors_exit_with_code_2(tiny_imagefolder, tmp_path, capsys):
+    cases = [
+        (["--zip"], "not supported"),
+        (["--opts", "TRAIN.NOPE", "1"], "unknown config key TRAIN.NOPE"),
+        (["--opts", "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", "20"], "multiple of the global batch"),
+    ]
+    for extra, message in cases:
+        args = ["--cfg", CPU_CFG, "--data-path", str(tiny_imagefolder), "--batch-size", "8",
+                "--output", str(tmp_path), "--device", "cpu", *extra]
+        with pytest.raises(SystemExit) as exit_info:
+            main_moby.main(args)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main_moby.main(pretrain_args(tmp_path / "missing", tmp_path))
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_gathers_keys_into_queues(tiny_imagefolder, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(ROOT / "moby" / "main_moby.py"),
+           *pretrain_args(tiny_imagefolder, tmp_path, "--epochs", "1")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = run_dir(tmp_path)
+    assert (folder / "log_rank0.txt").is_file() and (folder / "log_rank1.txt").is_file()
+    saved = torch.load(folder / "checkpoint.pth", weights_only=False)
+    # 24 images over 2 ranks of 8: one step per epoch whose 16 gathered keys moved the pointer
+    # by the GLOBAL batch; without the all-gather it would have moved by 8.
+    assert int(saved["model"]["queue_ptr"]) == 16
+    assert "Train: [0/1][0/1]" in (folder / "log_rank0.txt").read_text()
