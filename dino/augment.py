@@ -79,3 +79,13 @@ class DataAugmentationDINO:
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
         crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
         return crops
+
+
+def eval_transform(img_size: int = 224) -> transforms.Compose:
+    """Upstream's evaluation preprocessing, Resize(256) + CenterCrop(224), scaled for other sizes."""
+    resize = int(img_size * 256 / 224)
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size),
+        normalize_transform(),
+    ])

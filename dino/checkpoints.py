@@ -88,3 +88,25 @@ def load_pretrained_backbone(model: nn.Module, path: str, checkpoint_key: str | 
 def load_training_state(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """Load a whole student/teacher (backbone + head) saved with or without a DDP `module.` prefix."""
     load_state_dict_checked(module, strip_prefixes(state, ("module.",)), what=what)
+
+
+def add_pretrained_args(parser, patch_size: int = 16) -> None:
+    """Flags every evaluation script shares with upstream (plus --img_size)."""
+    parser.add_argument("--arch", default="vit_small", type=str, help="architecture of the backbone")
+    parser.add_argument("--patch_size", default=patch_size, type=int, help="patch resolution of the model")
+    parser.add_argument("--pretrained_weights", default="", type=str,
+                        help="checkpoint to evaluate (empty: random initialisation)")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='key to use in a training checkpoint (e.g. "teacher" or "student")')
+    parser.add_argument("--img_size", default=224, type=int,
+                        help="evaluation image size (the model's native size; 224 for official weights)")
+
+
+def load_or_random(model: nn.Module, path: str, checkpoint_key: str | None, arch: str) -> None:
+    """Load `path`, or say clearly that the random initialisation is being evaluated."""
+    if path:
+        load_pretrained_backbone(model, path, checkpoint_key)
+        return
+    # upstream downloads the reference weights here; without network access we cannot
+    print(f"warning: no --pretrained_weights given: evaluating a randomly initialised {arch} "
+          "(pass --pretrained_weights <checkpoint.pth> to evaluate trained weights)", flush=True)

@@ -20,6 +20,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -194,9 +195,11 @@ class NonFiniteLossGuard:
 
     def check(self, iteration: int, loss: torch.Tensor) -> None:
         if bool(self.seen):
-            print(f"Loss is {loss.item()} (non-finite at or before iteration {iteration}), stopping "
-                  "training. Try --use_fp16 false, a lower --lr or a higher --clip_grad.",
-                  force=True, flush=True)
+            # written to stderr directly: every rank reports it, even with print() silenced
+            sys.stderr.write(f"Loss is {loss.item()} (non-finite at or before iteration {iteration}), "
+                             "stopping training. Try --use_fp16 false, a lower --lr or a higher "
+                             "--clip_grad.\n")
+            sys.stderr.flush()
             sys.exit(1)
 
 
@@ -275,6 +278,16 @@ def restart_from_checkpoint(path: Path, student, teacher, optimizer, mp, dino_lo
     return int(checkpoint["epoch"])
 
 
+def build_schedules(args, niter_per_ep: int, world_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-iteration learning rate, weight decay and teacher momentum, as upstream."""
+    peak_lr = args.lr * args.batch_size_per_gpu * world_size / 256.0  # linear scaling rule
+    return (
+        cosine_schedule(peak_lr, args.min_lr, args.epochs, niter_per_ep, warmup_epochs=args.warmup_epochs),
+        cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep),
+        cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter_per_ep),
+    )
+
+
 def build_optimizer_for(student: nn.Module, args, ctx: DistContext) -> torch.optim.Optimizer:
     groups = param_groups_weight_decay(unwrap(student), args.weight_decay)
     # the lr and the group-0 weight decay are overwritten by the schedules at every step
@@ -337,12 +350,7 @@ def train_dino(args: argparse.Namespace) -> None:
     optimizer = build_optimizer_for(student, args, ctx)
     mp = MixedPrecision.from_flag(args.use_fp16, ctx.device_type)
     niter = len(data_loader)
-    schedules = (
-        cosine_schedule(args.lr * args.batch_size_per_gpu * ctx.world_size / 256.0,  # linear scaling
-                        args.min_lr, args.epochs, niter, warmup_epochs=args.warmup_epochs),
-        cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter),
-        cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter),
-    )
+    schedules = build_schedules(args, niter, ctx.world_size)
     print(f"Loss, optimizer and schedulers ready ({mp.describe()}).")
 
     # ============ resume ============

@@ -74,8 +74,9 @@ class WeightNormLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         weight = torch.empty(out_features, in_features)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default initialisation
-        self.weight_v = nn.Parameter(weight)
+        # registered in the order of torch's weight_norm (g, then v), as official files list them
         self.weight_g = nn.Parameter(weight.norm(dim=1, keepdim=True))
+        self.weight_v = nn.Parameter(weight)
 
     @property
     def weight(self) -> torch.Tensor:
