@@ -3,7 +3,7 @@
 # Every script is a short wrapper:   source test/common.sh;  ssl_main <mode> <nproc> "$@"
 #   mode full        pretrain, then evaluate (DINO: k-NN; MoBY: linear); accuracy case (_acc)
 #   mode perf        pretrain for a fixed number of steps; performance case (_perf)
-#   mode eval_knn    k-NN evaluation of a DINO checkpoint given with --checkpoint=
+#   mode eval_knn    k-NN evaluation of a DINO or MoBY checkpoint given with --checkpoint=
 #   mode eval_linear linear evaluation of a DINO or MoBY checkpoint given with --checkpoint=
 #
 # Logs: test/output/0/train_0.log (rank 0's output) and test/output/0/eval_0.log; the result
@@ -30,6 +30,7 @@ DINO_EVAL_KNN=${DINO_EVAL_KNN:-dino/eval_knn.py}
 DINO_EVAL_LINEAR=${DINO_EVAL_LINEAR:-dino/eval_linear.py}
 MOBY_PRETRAIN=${MOBY_PRETRAIN:-moby/main_moby.py}
 MOBY_LINEAR=${MOBY_LINEAR:-moby/main_linear.py}
+MOBY_EVAL_KNN=${MOBY_EVAL_KNN:-moby/eval_knn.py}
 
 # DINO pretraining flags on CPU: a tiny ViT on 32-px crops of Fashion-MNIST. Warm-up keeps
 # upstream's ratio (10 of 100 epochs) so that short runs are valid.
@@ -39,7 +40,7 @@ dino_small_cpu_args() {
 }
 # The matching architecture flags for dino/eval_knn.py and dino/eval_linear.py on CPU.
 dino_small_cpu_eval_args() {
-    echo "--arch vit_tiny --patch_size 4 --num_workers 2"
+    echo "--arch vit_tiny --patch_size 4 --img_size 32 --num_workers 2"
 }
 # DINO on NPU/GPU: upstream's ViT-S/16 recipe (main_dino.py's defaults).
 dino_full_args() {
@@ -176,9 +177,6 @@ ssl_parse_args() {
     elif [[ -n $CHECKPOINT ]]; then
         ssl_die "--checkpoint is for eval_knn.sh and eval_linear.sh; training scripts start from scratch"
     fi
-    if [[ $mode == eval_knn && $MODEL != dino ]]; then
-        ssl_die "k-NN evaluation is DINO's protocol: use eval_linear.sh for MoBY"
-    fi
 }
 
 ssl_activate_conda() {
@@ -218,6 +216,8 @@ ssl_resolve() {
     local device_class=accelerator
     [[ $DEVICE == cpu ]] && device_class=cpu
     "${MODEL}_defaults" "$device_class"
+    # Evaluation-only runs pass these on only when given (the programs' defaults apply otherwise).
+    GIVEN_BATCH_SIZE=$BATCH_SIZE GIVEN_EPOCHS=$EPOCHS
     BATCH_SIZE=${BATCH_SIZE:-$DEFAULT_BATCH_SIZE}
     EPOCHS=${EPOCHS:-$DEFAULT_EPOCHS}
     [[ $mode == perf ]] && STEPS=${STEPS:-$DEFAULT_STEPS}
@@ -292,14 +292,21 @@ ssl_build_commands() {
             local weights=${CHECKPOINT:-$RUN_DIR/MODEL.NAME/pretrain/checkpoint.pth}
             EVAL_CMD=("$MOBY_LINEAR" --cfg "$(moby_linear_cfg "$CFG")" --batch-size "$BATCH_SIZE"
                 --output "$RUN_DIR" --tag linear --pretrained "$weights" --device "$DEVICE")
-            [[ -n $DATA_PATH ]] && EVAL_CMD+=(--data-path "$DATA_PATH")
+        elif [[ $mode == eval_knn ]]; then
+            EVAL_CMD=("$MOBY_EVAL_KNN" --cfg "$CFG" --output "$RUN_DIR" --tag knn
+                --pretrained "$CHECKPOINT" --device "$DEVICE")
         fi
+        [[ ${#EVAL_CMD[@]} -gt 0 && -n $DATA_PATH ]] && EVAL_CMD+=(--data-path "$DATA_PATH")
     fi
     # Evaluation-only runs: the flags given for the evaluation itself.
-    if [[ $mode == eval_* && $MODEL == dino ]]; then
-        EVAL_CMD+=(--batch_size_per_gpu "$BATCH_SIZE")
-        [[ $mode == eval_linear ]] && EVAL_CMD+=(--epochs "$EPOCHS")
+    if [[ $mode == eval_* && -n $GIVEN_BATCH_SIZE ]]; then
+        if [[ $MODEL == dino ]]; then
+            EVAL_CMD+=(--batch_size_per_gpu "$BATCH_SIZE")
+        else
+            EVAL_CMD+=(--batch-size "$BATCH_SIZE")
+        fi
     fi
+    [[ $mode == eval_linear && -n $GIVEN_EPOCHS ]] && EVAL_CMD+=(--epochs "$EPOCHS")  # both spell it so
 }
 
 ssl_print_settings() {

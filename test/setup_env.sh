@@ -75,3 +75,27 @@ ssl_setup_env() {
     fi
     export SSL_PYTHON
 }
+
+# Make sure the IDX files of the default dataset (Debian package dataset-fashion-mnist) are
+# there; as root with apt-get, install the package when they are not. Returns 1 when they are
+# missing and could not be installed (tests that need them are then skipped).
+ssl_fashion_mnist_present() {
+    local dir=${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist} name
+    for name in train-images-idx3 train-labels-idx1 t10k-images-idx3 t10k-labels-idx1; do
+        [[ -f $dir/$name-ubyte.gz ]] || return 1
+    done
+}
+
+ssl_ensure_dataset() {
+    ssl_fashion_mnist_present && return 0
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing the Debian package dataset-fashion-mnist" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q dataset-fashion-mnist >&2 ||
+            { apt-get update -q >&2 && apt-get install -y -q dataset-fashion-mnist >&2; }
+        ssl_fashion_mnist_present && return 0
+    fi
+    echo "note: Fashion-MNIST not found in ${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}:" \
+         "install it with 'sudo apt-get install dataset-fashion-mnist'" >&2
+    return 1
+}

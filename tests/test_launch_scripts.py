@@ -94,10 +94,6 @@ def test_eval_scripts_need_an_existing_checkpoint(tmp_path):
     done = run_script("eval_linear.sh", "--device=cpu", f"--checkpoint={tmp_path}/none.pth",
                       tmp_path=tmp_path)
     assert done.returncode == 2 and "no such file" in done.stderr
-    (tmp_path / "ck.pth").write_bytes(b"x")
-    done = run_script("eval_knn.sh", "--model=moby", f"--checkpoint={tmp_path}/ck.pth",
-                      tmp_path=tmp_path)
-    assert done.returncode == 2 and "use eval_linear.sh for MoBY" in done.stderr
 
 
 def test_parse_functions_can_be_used_without_running_anything(tmp_path):
@@ -182,10 +178,21 @@ def test_eval_scripts_commands(tmp_path):
     assert "PRETRAIN" not in commands
     assert commands["EVAL"][2] == "dino/eval_knn.py"
     assert flag_value(commands["EVAL"], "--pretrained_weights") == str(checkpoint)
+    assert "--batch_size_per_gpu" not in commands["EVAL"]  # eval_knn.py's own default applies
+    _, commands = dry_run("eval_linear.sh", "--device=cpu", "--epochs=3", f"--checkpoint={checkpoint}",
+                          tmp_path=tmp_path)
+    assert commands["EVAL"][2] == "dino/eval_linear.py"
+    assert flag_value(commands["EVAL"], "--epochs") == "3"
     _, commands = dry_run("eval_linear.sh", "--model=moby", "--device=cpu",
                           f"--checkpoint={checkpoint}", tmp_path=tmp_path)
     assert flag_value(commands["EVAL"], "--pretrained") == str(checkpoint)
     assert flag_value(commands["EVAL"], "--cfg") == "configs/moby_swin_cpu_linear.yaml"
+    _, commands = dry_run("eval_knn.sh", "--model=moby", "--device=cpu", "--batch_size=32",
+                          f"--checkpoint={checkpoint}", tmp_path=tmp_path)
+    assert commands["EVAL"][2] == "moby/eval_knn.py"
+    assert flag_value(commands["EVAL"], "--pretrained") == str(checkpoint)
+    assert flag_value(commands["EVAL"], "--cfg") == "configs/moby_swin_cpu.yaml"
+    assert flag_value(commands["EVAL"], "--batch-size") == "32"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,3 +330,36 @@ def test_setup_env_prefers_a_ready_venv_and_honours_overrides(tmp_path):
     done = subprocess.run(["bash", "-c", code, "bash", str(repo)], capture_output=True, text=True,
                           cwd=REPO, env={**env, "SSL_PYTHON": "/opt/py"}, timeout=60)
     assert done.stdout.strip() == "/opt/py"
+
+
+def test_dataset_check_finds_the_idx_files(tmp_path):
+    for name in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
+        (tmp_path / f"{name}-ubyte.gz").write_bytes(b"")
+    code = "source test/setup_env.sh && ssl_fashion_mnist_present && echo present"
+    done = subprocess.run(["bash", "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env={**os.environ, "FASHION_MNIST_DIR": str(tmp_path)})
+    assert done.stdout.strip() == "present"
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    done = subprocess.run(["bash", "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env={**os.environ, "FASHION_MNIST_DIR": str(tmp_path)})
+    assert done.returncode == 1 and done.stdout == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# The real programs, as small as they go: the contract between the scripts and the two trees.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["dino", "moby"])
+def test_real_full_run_on_a_tiny_dataset(tmp_path, tiny_imagefolder, model):
+    done = run_script("train_full_1p.sh", f"--model={model}", "--device=cpu", "--steps=2",
+                      "--batch_size=8", f"--data_path={tiny_imagefolder}", tmp_path=tmp_path,
+                      timeout=600, OMP_NUM_THREADS="1")
+    out = tmp_path / "output" / "0"
+    assert done.returncode == 0, done.stdout + done.stderr + (out / "train_0.log").read_text()[-3000:]
+    network = "DINO_ID3436_for_PyTorch" if model == "dino" else "Transformer-SSL_ID3434_for_PyTorch"
+    case = dict(line.split(" = ", 1)
+                for line in (out / f"{network}_bs8_1p_acc.log").read_text().splitlines())
+    assert float(case["ActualFPS"]) > 0 and float(case["TrainingTime"]) > 0
+    assert 0 <= float(case["TrainAccuracy"]) <= 100
+    assert float(case["ActualLoss"]) > 0
+    assert f"Final Train Accuracy : {case['TrainAccuracy']}" in done.stdout
