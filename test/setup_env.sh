@@ -88,7 +88,10 @@ ssl_fashion_mnist_present() {
 
 ssl_ensure_dataset() {
     ssl_fashion_mnist_present && return 0
-    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    local default_dir=/usr/share/datasets/fashion-mnist
+    # The package can only help when the files are looked for where it puts them.
+    if [[ ${FASHION_MNIST_DIR:-$default_dir} == "$default_dir" && $(id -u) == 0 ]] &&
+        command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing the Debian package dataset-fashion-mnist" >&2
         export DEBIAN_FRONTEND=noninteractive
         apt-get install -y -q dataset-fashion-mnist >&2 ||

@@ -301,6 +301,21 @@ def test_performance_run_without_throughput_line_fails(tmp_path, stubs, tiny_ima
     assert f"read {tmp_path / 'output' / '0' / 'train_0.log'}" in done.stderr
 
 
+def test_eval_script_starts_fresh_and_prints_the_accuracy(tmp_path, stubs, tiny_imagefolder):
+    checkpoint = tmp_path / "pretrained.pth"
+    checkpoint.write_bytes(b"stub")
+    settings, _ = dry_run("eval_linear.sh", "--model=moby", "--device=cpu",
+                          f"--checkpoint={checkpoint}", tmp_path=tmp_path)
+    stale = Path(settings["RUN_DIR"]) / "linear" / "checkpoint.pth"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old linear head")
+    done = run_script("eval_linear.sh", "--model=moby", "--device=cpu", f"--checkpoint={checkpoint}",
+                      f"--data_path={tiny_imagefolder}", tmp_path=tmp_path, **stubs)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "Final Train Accuracy : 61.25"
+    assert not stale.exists()
+
+
 def test_setup_env_prefers_a_ready_venv_and_honours_overrides(tmp_path):
     """Choice of interpreter without installing anything: a fake repository with a stamped .venv."""
     repo = tmp_path / "repo"
