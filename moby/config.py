@@ -32,6 +32,9 @@ _C.DATA.ZIP_MODE = False  # upstream's zip reader: not supported here
 _C.DATA.CACHE_MODE = "part"  # upstream's in-memory cache: not supported here
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
+# (ours) Train on a fixed random subset of at most this many training images (0 = all of them);
+# the subset depends on SEED only, so every rank and every evaluation sees the same images.
+_C.DATA.MAX_TRAIN_IMAGES = 0
 # Number of training images, filled in at run time (upstream adds it on the fly; declared here).
 _C.DATA.TRAINING_IMAGES = 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
+import torch
 from PIL import Image, ImageFilter, ImageOps
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
@@ -116,16 +117,31 @@ def dataset_root(config: CfgNode, need: tuple[str, ...]):
     return resolve_data_path(config.DATA.DATA_PATH or None, need=need, flag="--data-path")
 
 
+def limit_images(folder: SafeImageFolder, max_images: int, seed: int) -> SafeImageFolder:
+    """Keep a random subset of max_images samples (in folder order); 0 keeps everything."""
+    if 0 < max_images < len(folder.samples):
+        keep = torch.randperm(len(folder.samples), generator=torch.Generator().manual_seed(seed))[:max_images]
+        folder.samples = [folder.samples[i] for i in sorted(keep.tolist())]
+        folder.imgs = folder.samples
+        folder.targets = [target for _, target in folder.samples]
+    return folder
+
+
+def train_folder(config: CfgNode, root, transform: Callable | None = None) -> SafeImageFolder:
+    folder = SafeImageFolder(root / "train", transform=transform)
+    return limit_images(folder, config.DATA.MAX_TRAIN_IMAGES, config.SEED)
+
+
 def build_pretrain_dataset(config: CfgNode) -> TwoViewDataset:
     root = dataset_root(config, ("train",))
     view1, view2 = ssl_transforms(config)
-    return TwoViewDataset(SafeImageFolder(root / "train"), view1, view2)
+    return TwoViewDataset(train_folder(config, root), view1, view2)
 
 
 def build_labelled_datasets(config: CfgNode, train_transform: Callable) -> tuple[SafeImageFolder, SafeImageFolder]:
     """(train, val) ImageFolders for linear / k-NN evaluation."""
     root = dataset_root(config, ("train", "val"))
-    train = SafeImageFolder(root / "train", transform=train_transform)
+    train = train_folder(config, root, train_transform)
     val = SafeImageFolder(root / "val", transform=eval_transform(config))
     if train.classes != val.classes:
         raise UserError(f"train/ and val/ under {root} have different class folders: "

@@ -58,11 +58,11 @@ dino_defaults() {
     fi
 }
 
-# MoBY configurations (yacs YAML) on CPU and on NPU/GPU. The CPU one is the 32-px Swin of
-# configs/moby_swin_cpu.yaml on a fixed 12,800-image subset, so that a full run (pretraining plus
-# linear evaluation) takes minutes; use --cfg=configs/moby_swin_cpu.yaml for the whole train split.
+# MoBY configurations (yacs YAML) on CPU and on NPU/GPU. The CPU one is a 32-px Swin that trains
+# on a fixed 12,800-image subset, so that a full run (pretraining plus one linear-evaluation epoch)
+# takes minutes; see the head of configs/moby_swin_cpu.yaml for the whole train split.
 moby_small_cpu_cfg() {
-    echo configs/moby_swin_cpu_quick.yaml
+    echo configs/moby_swin_cpu.yaml
 }
 moby_full_cfg() {
     echo configs/moby_swin_tiny.yaml
