@@ -257,6 +257,18 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
     return stats, steps, steps == len(data_loader)
 
 
+def build_student_teacher(args, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+    """The student (in DDP when distributed) and a teacher starting from the very same weights."""
+    student, teacher, _ = build_dino_networks(args)
+    student = convert_sync_batchnorm(student.to(ctx.device), ctx)
+    teacher = convert_sync_batchnorm(teacher.to(ctx.device), ctx)
+    student = wrap_ddp(student, ctx)  # DDP broadcasts rank 0's weights to every rank...
+    teacher.load_state_dict(unwrap(student).state_dict())  # ...so copy them only afterwards
+    for p in teacher.parameters():
+        p.requires_grad = False  # the teacher only follows the student's EMA
+    return student, teacher
+
+
 def restart_from_checkpoint(path: Path, student, teacher, optimizer, mp, dino_loss) -> int:
     """Resume everything from <output_dir>/checkpoint.pth; returns the epoch to start from."""
     if not path.is_file():
@@ -334,14 +346,7 @@ def train_dino(args: argparse.Namespace) -> None:
     print(f"Data loaded: there are {len(dataset)} images.")
 
     # ============ student and teacher ============
-    student, teacher, _ = build_dino_networks(args)
-    student, teacher = student.to(ctx.device), teacher.to(ctx.device)
-    student = convert_sync_batchnorm(student, ctx)
-    teacher = convert_sync_batchnorm(teacher, ctx)
-    teacher.load_state_dict(student.state_dict())  # identical start
-    for p in teacher.parameters():
-        p.requires_grad = False  # the teacher only follows the student's EMA
-    student = wrap_ddp(student, ctx)
+    student, teacher = build_student_teacher(args, ctx)
     print(f"Student and Teacher are built: they are both {args.arch} network.")
 
     # ============ loss, optimizer, schedules ============
