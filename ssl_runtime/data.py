@@ -166,3 +166,16 @@ def class_count(dataset: Dataset) -> int:
         raise UserError("the dataset does not expose its classes")
     return len(classes)
 
+
+
+def limit_images(folder: ImageFolder, max_images: int, seed: int = 0) -> ImageFolder:
+    """Keep a fixed random subset of max_images samples (in folder order); 0 keeps everything.
+
+    The subset depends on `seed` only, so every rank (and a resumed run) sees the same images.
+    """
+    if 0 < max_images < len(folder.samples):
+        keep = torch.randperm(len(folder.samples), generator=torch.Generator().manual_seed(seed))[:max_images]
+        folder.samples = [folder.samples[i] for i in sorted(keep.tolist())]
+        folder.imgs = folder.samples
+        folder.targets = [target for _, target in folder.samples]
+    return folder
