@@ -30,7 +30,8 @@ from dino.loss import DINOLoss  # noqa: E402
 from dino.models import build_dino_networks, canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.checkpoint import load_checkpoint, save_atomic  # noqa: E402
-from ssl_runtime.data import SafeImageFolder, build_loader, resolve_data_path, set_loader_epoch  # noqa: E402
+from ssl_runtime.data import (SafeImageFolder, build_loader, limit_images, resolve_data_path,  # noqa: E402
+                              set_loader_epoch)
 from ssl_runtime.device import add_device_arg  # noqa: E402
 from ssl_runtime.distributed import (DistContext, add_launcher_args, convert_sync_batchnorm,  # noqa: E402
                                      init_distributed, unwrap, wrap_ddp)
@@ -108,6 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default=None, type=str,
                         help="ImageFolder training images (the folder itself, or a root holding "
                              "train/); default: the bundled Fashion-MNIST")
+    parser.add_argument("--max_train_images", default=0, type=int,
+                        help="train on a fixed random subset of this many images (0: all; short CPU runs)")
     parser.add_argument("--output_dir", default=".", type=str, help="where logs and checkpoints go")
     parser.add_argument("--saveckp_freq", default=20, type=int, help="save checkpointNNNN.pth every x epochs")
     parser.add_argument("--seed", default=0, type=int, help="random seed")
@@ -150,8 +153,9 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} {getattr(args, name)} must be between 0 and --epochs {args.epochs}")
     _check_scale("global_crops_scale", args.global_crops_scale)
     _check_scale("local_crops_scale", args.local_crops_scale)
-    if args.clip_grad < 0 or args.freeze_last_layer < 0 or args.saveckp_freq < 0:
-        raise UserError("--clip_grad, --freeze_last_layer and --saveckp_freq must be >= 0")
+    if min(args.clip_grad, args.freeze_last_layer, args.saveckp_freq, args.max_train_images) < 0:
+        raise UserError("--clip_grad, --freeze_last_layer, --saveckp_freq and --max_train_images "
+                        "must be >= 0")
 
 
 def training_folder(data_path: str | None) -> Path:
@@ -340,7 +344,7 @@ def train_dino(args: argparse.Namespace) -> None:
     # ============ data ============
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                      args.local_crops_number, args.img_size, args.local_crop_size)
-    dataset = SafeImageFolder(data_folder, transform=transform)
+    dataset = limit_images(SafeImageFolder(data_folder, transform=transform), args.max_train_images, args.seed)
     data_loader = build_loader(dataset, args.batch_size_per_gpu, args.num_workers, ctx,
                                shuffle=True, drop_last=True)
     print(f"Data loaded: there are {len(dataset)} images.")

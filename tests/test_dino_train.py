@@ -143,3 +143,10 @@ def test_bad_input_exits_with_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         visualize_attention.main(ARCH + ["--image_path", str(tmp_path / "none.png")])
     assert info.value.code == 2
+
+
+def test_max_train_images_uses_a_fixed_subset(tmp_path, tiny_imagefolder, capsys):
+    main_dino.main(TRAIN + ["--data_path", str(tiny_imagefolder), "--output_dir", str(tmp_path),
+                            "--epochs", "1", "--max_train_images", "8"])
+    text = capsys.readouterr().out
+    assert "there are 8 images" in text and "Epoch: [0/1]  [0/2]" in text
