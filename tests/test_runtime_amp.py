@@ -8,6 +8,9 @@ import torch
 from ssl_runtime.amp import MixedPrecision, NullScaler
 from ssl_runtime.errors import UserError
 
+# On machines without a GPU, torch warns that the CUDA GradScaler it builds is disabled: expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:.*CUDA is not available")
+
 
 def test_o0_is_plain_fp32():
     mp = MixedPrecision.from_level("O0", "cuda")
