@@ -1,0 +1,1 @@
+"""MoBY (Swin / DeiT) self-supervised pre-training, linear and k-NN evaluation."""

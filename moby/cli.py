@@ -60,7 +60,8 @@ def add_pretrain_limits(parser: argparse.ArgumentParser) -> None:
                         help="stop before this epoch while keeping the TRAIN.EPOCHS-long schedules")
 
 
-def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, CfgNode]:
+def parse_config(parser: argparse.ArgumentParser,
+                 argv: list[str] | None = None) -> tuple[argparse.Namespace, CfgNode]:
     args = parser.parse_args(argv)
     if args.zip or args.cache_mode:
         raise UserError("--zip and --cache-mode (upstream's zipped-ImageNet reader and its cache) are "

@@ -23,6 +23,8 @@ from ssl_runtime.data import SafeImageFolder, resolve_data_path
 from ssl_runtime.distributed import DistContext
 from ssl_runtime.errors import UserError
 
+BICUBIC = transforms.InterpolationMode.BICUBIC
+
 
 class RandomGaussianBlur:
     """PIL Gaussian blur with a radius drawn uniformly from [sigma_min, sigma_max] per image."""
@@ -85,10 +87,10 @@ def eval_transform(config: CfgNode) -> Callable:
     """
     size = config.DATA.IMG_SIZE
     if config.TEST.CROP:
-        resize = [transforms.Resize(int(size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        resize = [transforms.Resize(int(size * 256 / 224), interpolation=BICUBIC),
                   transforms.CenterCrop(size)]
     else:
-        resize = [transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC)]
+        resize = [transforms.Resize((size, size), interpolation=BICUBIC)]
     return transforms.Compose(resize + [transforms.ToTensor(), _normalize()])
 
 
@@ -138,7 +140,8 @@ def build_pretrain_dataset(config: CfgNode) -> TwoViewDataset:
     return TwoViewDataset(train_folder(config, root), view1, view2)
 
 
-def build_labelled_datasets(config: CfgNode, train_transform: Callable) -> tuple[SafeImageFolder, SafeImageFolder]:
+def build_labelled_datasets(config: CfgNode,
+                            train_transform: Callable) -> tuple[SafeImageFolder, SafeImageFolder]:
     """(train, val) ImageFolders for linear / k-NN evaluation."""
     root = dataset_root(config, ("train", "val"))
     train = train_folder(config, root, train_transform)

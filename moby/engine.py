@@ -93,8 +93,11 @@ class RunningMean:
         return float(self.last), float(self.total) / self.count
 
 
+LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
+
+
 def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader, epoch: int,
-                    state: TrainState, compute_loss: Callable[[torch.nn.Module, tuple], torch.Tensor]) -> bool:
+                    state: TrainState, compute_loss: LossFn) -> bool:
     """One epoch of compute_loss(model, batch) -> backward -> clipped step -> per-step lr update.
 
     With ACCUMULATION_STEPS > 1 the loss is divided by it and the optimizer steps every that many

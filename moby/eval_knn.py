@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", default=DEFAULT_TEMPERATURE, type=float,
                         help="temperature of the neighbours' votes")
     args, config = parse_config(parser, argv)
-    pretrained = None if args.random_init else (args.pretrained or os.path.join(config.OUTPUT, "checkpoint.pth"))
+    pretrained = args.pretrained or os.path.join(config.OUTPUT, "checkpoint.pth")
+    if args.random_init:
+        pretrained = None
     set_values(config, OUTPUT=os.path.join(config.OUTPUT, "knn"))
     ctx = start_run(config, args)
     try:

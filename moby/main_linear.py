@@ -45,7 +45,8 @@ def linear_config(config: CfgNode, args) -> None:
     """Upstream's hard-coded linear-evaluation settings (epochs from LINEAR_EVAL / --epochs)."""
     output = config.OUTPUT
     set_values(config, **{
-        "LINEAR_EVAL.PRETRAINED": args.pretrained or os.path.join(output, "checkpoint.pth"),
+        "LINEAR_EVAL.PRETRAINED": "" if args.random_init else (args.pretrained or
+                                                               os.path.join(output, "checkpoint.pth")),
         "OUTPUT": os.path.join(output, "linear"),
         "MODEL.TYPE": "linear",
         "MODEL.DROP_PATH_RATE": args.drop_path_rate,
@@ -95,7 +96,8 @@ def validate(config: CfgNode, loader, model: torch.nn.Module, ctx: DistContext,
             loss, acc1, acc5, count = totals.tolist()
             logger.info(f"Test: [{idx}/{len(loader)}]\t"
                         f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
-                        f"Loss {loss / count:.4f}\tAcc@1 {100 * acc1 / count:.3f}\tAcc@5 {100 * acc5 / count:.3f}\t"
+                        f"Loss {loss / count:.4f}\t"
+                        f"Acc@1 {100 * acc1 / count:.3f}\tAcc@5 {100 * acc5 / count:.3f}\t"
                         f"Mem {devices.max_memory_mb(ctx.device):.0f}MB")
     all_reduce_sum_(totals)
     loss, acc1, acc5, count = totals.tolist()
@@ -126,15 +128,18 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
     mp = MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", ctx.device_type)
     classifier, optimizer = mp.prepare(classifier, optimizer)
     model = wrap_ddp(classifier, ctx, broadcast_buffers=False)
-    load_pretrained_encoder(classifier, config.LINEAR_EVAL.PRETRAINED, logger)
+    if config.LINEAR_EVAL.PRETRAINED:
+        load_pretrained_encoder(classifier, config.LINEAR_EVAL.PRETRAINED, logger)
+    else:
+        logger.info("no pretrained weights (--random-init): the encoder keeps its random initialisation")
     logger.info(f"number of params: {sum(p.numel() for p in classifier.parameters() if p.requires_grad)}")
 
     steps_per_epoch = len(train_loader)
     lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     criterion = LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING) \
         if config.MODEL.LABEL_SMOOTHING > 0 else torch.nn.CrossEntropyLoss()
-    throughput = ThroughputMeter(config.DATA.BATCH_SIZE * ctx.world_size, warmup_steps=THROUGHPUT_WARMUP_STEPS,
-                                 device=ctx.device)
+    throughput = ThroughputMeter(config.DATA.BATCH_SIZE * ctx.world_size,
+                                 warmup_steps=THROUGHPUT_WARMUP_STEPS, device=ctx.device)
     state = TrainState(optimizer, lr_scheduler, mp, ctx, logger, throughput)
 
     max_accuracy = maybe_resume(config, classifier, state)
@@ -154,7 +159,8 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
         set_loader_epoch(train_loader, epoch)
         train_one_epoch(config, model, train_loader, epoch, state, classify_loss(criterion))
         if ctx.is_main and (epoch % config.SAVE_FREQ == 0 or epoch == last_epoch(config) - 1):
-            save_checkpoint(config, epoch, classifier, max_accuracy, optimizer, lr_scheduler, mp.scaler, logger)
+            save_checkpoint(config, epoch, classifier, max_accuracy, optimizer, lr_scheduler, mp.scaler,
+                            logger)
         acc1, _, _ = validate(config, val_loader, model, ctx, logger)
         logger.info(f"Accuracy of the network on the {len(val_set)} test images: {acc1:.1f}%")
         max_accuracy = max(max_accuracy, acc1)
@@ -170,7 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drop-path-rate", type=float, default=0.2,
                         help="drop path rate of the frozen encoder during linear evaluation")
     parser.add_argument("--pretrained", default=None,
-                        help="MoBY checkpoint to evaluate (default: <output>/<MODEL.NAME>/<tag>/checkpoint.pth)")
+                        help="MoBY checkpoint to evaluate "
+                             "(default: <output>/<MODEL.NAME>/<tag>/checkpoint.pth)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="train the head on the randomly initialised encoder (a baseline)")
     args, config = parse_config(parser, argv)
     linear_config(config, args)
     ctx = start_run(config, args)

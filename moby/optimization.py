@@ -85,7 +85,8 @@ def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, steps_per
         return LinearLRScheduler(optimizer, t_initial=total, lr_min_rate=0.01,
                                  warmup_lr_init=config.TRAIN.WARMUP_LR, warmup_t=warmup, t_in_epochs=False)
     if name == "step":
-        return StepLRScheduler(optimizer, decay_t=int(config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS * steps_per_epoch),
+        decay = int(config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS * steps_per_epoch)
+        return StepLRScheduler(optimizer, decay_t=decay,
                                decay_rate=config.TRAIN.LR_SCHEDULER.DECAY_RATE,
                                warmup_lr_init=config.TRAIN.WARMUP_LR, warmup_t=warmup, t_in_epochs=False)
     raise UserError(f"TRAIN.LR_SCHEDULER.NAME {name!r} is not supported: use cosine, linear or step")

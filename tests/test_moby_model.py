@@ -24,7 +24,8 @@ TINY_SWIN = ["MODEL.SWIN.EMBED_DIM", "12", "MODEL.SWIN.DEPTHS", "[1, 1]", "MODEL
 
 
 def tiny_config(*opts):
-    return get_config(argparse.Namespace(cfg=str(CONFIGS / "moby_swin_cpu.yaml"), opts=TINY_SWIN + list(opts)))
+    args = argparse.Namespace(cfg=str(CONFIGS / "moby_swin_cpu.yaml"), opts=TINY_SWIN + list(opts))
+    return get_config(args)
 
 
 class FlatEncoder(nn.Module):
@@ -64,7 +65,8 @@ def test_contrastive_loss_matches_explicit_loop():
     assert got.item() == pytest.approx(expected, rel=1e-9)
 
 
-@pytest.mark.parametrize("step,expected", [(0, 0.99), (50, 0.995), (100, 1.0), (25, 1 - 0.01 * (1 + math.sqrt(0.5)) / 2)])
+@pytest.mark.parametrize("step,expected", [(0, 0.99), (50, 0.995), (100, 1.0),
+                                           (25, 1 - 0.01 * (1 + math.sqrt(0.5)) / 2)])
 def test_momentum_schedule(step, expected):
     model = small_moby(total_steps=100)
     model.step = step
@@ -175,7 +177,7 @@ def test_weight_decay_groups_follow_upstream():
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in optimizer.param_groups[0]["params"]}
     plain = {names[id(p)] for p in optimizer.param_groups[1]["params"]}
-    assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
     assert "encoder.layers.0.blocks.0.attn.relative_position_bias_table" in decayed  # as upstream
     assert "projector.linear_hidden.1.weight" in decayed and "predictor.linear_out.weight" in decayed
     assert "encoder.layers.0.blocks.0.attn.qkv.bias" in plain and "encoder.norm.weight" in plain
@@ -188,7 +190,8 @@ def test_learning_rates_scale_with_global_batch_and_accumulation():
     config = tiny_config("DATA.BATCH_SIZE", "64", "TRAIN.BASE_LR", "0.001")
     scale_learning_rates(config, world_size=2)
     assert config.TRAIN.BASE_LR == pytest.approx(0.001 * 128 / 512)
-    assert config.TRAIN.MIN_LR == pytest.approx(5e-6 * 0.25) and config.TRAIN.WARMUP_LR == pytest.approx(5e-7 * 0.25)
+    assert config.TRAIN.MIN_LR == pytest.approx(5e-6 * 0.25)
+    assert config.TRAIN.WARMUP_LR == pytest.approx(5e-7 * 0.25)
     config = tiny_config("DATA.BATCH_SIZE", "64", "TRAIN.ACCUMULATION_STEPS", "4")
     scale_learning_rates(config, world_size=1)
     assert config.TRAIN.BASE_LR == pytest.approx(0.001 * 64 / 512 * 4)

@@ -1,5 +1,5 @@
 """End-to-end MoBY runs on a tiny ImageFolder: pre-training, resume, --steps, linear evaluation,
-k-NN evaluation, user errors, and a 2-process gloo run whose keys are gathered into the queues."""
+k-NN evaluation, user errors, and a 2-process CPU run whose keys are gathered into the queues."""
 
 from __future__ import annotations
 
@@ -70,12 +70,27 @@ def test_steps_and_max_epochs_limit_the_run(tiny_imagefolder, tmp_path, capsys):
     assert sorted(p.name for p in run_dir(tmp_path / "b").glob("ckpt_*")) == ["ckpt_epoch_0.pth"]
 
 
+def test_accumulation_steps_and_throughput_mode(tiny_imagefolder, tmp_path, capsys):
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path, "--epochs", "1", "--accumulation-steps", "3"))
+    saved = torch.load(run_dir(tmp_path) / "checkpoint.pth", weights_only=False)
+    # 3 iterations, gradients accumulated over 3: a single AdamW step, lr scaled by 3 x 8 / 512
+    assert {int(s["step"]) for s in saved["optimizer"]["state"].values()} == {1}
+    assert saved["config"].TRAIN.BASE_LR == pytest.approx(0.001 * 8 / 512 * 3)
+    assert int(saved["model"]["queue_ptr"]) == 24  # the EMA/queue update still runs every forward
+    capsys.readouterr()
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path / "tp", "--throughput"))
+    out = capsys.readouterr().out
+    assert "throughput averaged with 30 times" in out and "batch_size 8 throughput " in out
+    assert "Start self-supervised pre-training" not in out
+
+
 def test_linear_and_knn_evaluation(tiny_imagefolder, tmp_path, capsys):
     main_moby.main(pretrain_args(tiny_imagefolder, tmp_path, "--epochs", "1"))
     checkpoint = run_dir(tmp_path) / "checkpoint.pth"
     capsys.readouterr()
     main_linear.main(["--cfg", str(ROOT / "configs" / "moby_swin_cpu_linear.yaml"), "--data-path",
-                      str(tiny_imagefolder), "--batch-size", "8", "--output", str(tmp_path / "lin"), "--tag", "t",
+                      str(tiny_imagefolder), "--batch-size", "8", "--output", str(tmp_path / "lin"),
+                      "--tag", "t",
                       "--pretrained", str(checkpoint), "--epochs", "2", "--lr", "4.0", "--device", "cpu",
                       "--opts", *TINY])
     out = capsys.readouterr().out
@@ -93,6 +108,12 @@ def test_linear_and_knn_evaluation(tiny_imagefolder, tmp_path, capsys):
         assert f"{k}-NN classifier result: Top1: " in out
     top1 = float(out.split("5-NN classifier result: Top1: ")[1].split(",")[0])
     assert top1 > 50.0  # the tiny classes differ by which third of the image is bright
+
+    # --eval on the pre-training script: k-NN of the online encoder of the checkpoint it resumes
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path, "--eval"))
+    out = capsys.readouterr().out
+    assert "auto resuming from" in out and "20-NN classifier result: Top1: " in out
+    assert "Start self-supervised pre-training" not in out
 
 
 def test_user_errors_exit_with_code_2(tiny_imagefolder, tmp_path, capsys):
@@ -120,7 +141,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_gathers_keys_into_queues(tiny_imagefolder, tmp_path):
+def test_two_process_cpu_run_gathers_keys_into_queues(tiny_imagefolder, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", str(ROOT / "moby" / "main_moby.py"),
