@@ -56,6 +56,10 @@ def _encoder_part(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def is_official_moby(state: dict) -> bool:
+    return is_official_swin_layout(_encoder_part(state, "encoder."))
+
+
 def convert_official_moby(state: dict, model: torch.nn.Module) -> dict:
     """Rewrite the encoder./encoder_k. parts of an official MoBY state dict (upstream's own Swin)
     into timm's key layout; our own checkpoints pass through unchanged."""
@@ -76,9 +80,15 @@ def resume(config: CfgNode, model: torch.nn.Module, optimizer: torch.optim.Optim
     checkpoint = read_checkpoint(config.MODEL.RESUME)
     if "model" not in checkpoint:
         raise UserError(f"{config.MODEL.RESUME} has no 'model' entry: it is not a MoBY checkpoint")
+    official = is_official_moby(checkpoint["model"])
     state = convert_official_moby(checkpoint["model"], model)
     load_state_dict_checked(model, state, f"checkpoint {config.MODEL.RESUME}")
     max_accuracy = 0.0
+    if official:
+        # Its optimizer state follows upstream's parameter order, not timm's: weights only.
+        logger.info(f"{config.MODEL.RESUME} is an official (upstream Swin) checkpoint: "
+                    "loaded its weights only")
+        return max_accuracy
     if not config.EVAL_MODE and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
         optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])

@@ -18,7 +18,7 @@ from ssl_runtime.errors import UserError
 from ssl_runtime.logs import setup_logger
 from ssl_runtime.misc import seed_everything
 
-from .config import get_config, save_config
+from .config import get_config, save_config, set_values
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -72,6 +72,7 @@ def parse_config(parser: argparse.ArgumentParser,
 def start_run(config: CfgNode, args: argparse.Namespace) -> DistContext:
     """Device, process group and per-rank seed (SEED + rank, as upstream)."""
     ctx = init_distributed(config.DEVICE, args.local_rank, args.dist_url)
+    set_values(config, LOCAL_RANK=ctx.local_rank)
     seed_everything(config.SEED + ctx.rank)
     return ctx
 

@@ -23,6 +23,7 @@ from ssl_runtime.data import SafeImageFolder, resolve_data_path
 from ssl_runtime.distributed import DistContext
 from ssl_runtime.errors import UserError
 
+BILINEAR = transforms.InterpolationMode.BILINEAR
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
@@ -79,18 +80,19 @@ def linear_train_transform(config: CfgNode) -> Callable:
     ])
 
 
-def eval_transform(config: CfgNode) -> Callable:
+def eval_transform(config: CfgNode, interpolation=BILINEAR) -> Callable:
     """Resize then centre-crop IMG_SIZE (or resize straight to it when TEST.CROP is False).
 
-    Upstream's linear evaluation resizes to IMG_SIZE + 32: that is 256 for 224, the same as the
-    256/224 ratio used here, but for 32-px images it would keep only the central quarter.
+    Upstream's linear evaluation resizes (bilinear) to IMG_SIZE + 32: that is 256 for 224, the
+    same as the 256/224 ratio used here, but for 32-px images it would keep only the central
+    quarter. The k-NN protocol (DINO's) resizes with bicubic interpolation.
     """
     size = config.DATA.IMG_SIZE
     if config.TEST.CROP:
-        resize = [transforms.Resize(int(size * 256 / 224), interpolation=BICUBIC),
+        resize = [transforms.Resize(int(size * 256 / 224), interpolation=interpolation),
                   transforms.CenterCrop(size)]
     else:
-        resize = [transforms.Resize((size, size), interpolation=BICUBIC)]
+        resize = [transforms.Resize((size, size), interpolation=interpolation)]
     return transforms.Compose(resize + [transforms.ToTensor(), _normalize()])
 
 
@@ -140,12 +142,12 @@ def build_pretrain_dataset(config: CfgNode) -> TwoViewDataset:
     return TwoViewDataset(train_folder(config, root), view1, view2)
 
 
-def build_labelled_datasets(config: CfgNode,
-                            train_transform: Callable) -> tuple[SafeImageFolder, SafeImageFolder]:
-    """(train, val) ImageFolders for linear / k-NN evaluation."""
+def build_labelled_datasets(config: CfgNode, train_transform: Callable,
+                            val_transform: Callable | None = None) -> tuple[SafeImageFolder, SafeImageFolder]:
+    """(train, val) ImageFolders for linear / k-NN evaluation (val: eval_transform by default)."""
     root = dataset_root(config, ("train", "val"))
     train = train_folder(config, root, train_transform)
-    val = SafeImageFolder(root / "val", transform=eval_transform(config))
+    val = SafeImageFolder(root / "val", transform=val_transform or eval_transform(config))
     if train.classes != val.classes:
         raise UserError(f"train/ and val/ under {root} have different class folders: "
                         f"{len(train.classes)} vs {len(val.classes)}; they must match")

@@ -25,7 +25,7 @@ from moby.backbones import build_encoder  # noqa: E402
 from moby.checkpoint import load_pretrained_encoder  # noqa: E402
 from moby.cli import base_parser, open_output, parse_config, start_run  # noqa: E402
 from moby.config import set_values  # noqa: E402
-from moby.data import build_labelled_datasets, eval_transform  # noqa: E402
+from moby.data import BICUBIC, build_labelled_datasets, eval_transform  # noqa: E402
 from ssl_runtime.distributed import DistContext, shutdown  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
 from ssl_runtime.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, evaluate_knn, result_line  # noqa: E402
@@ -34,7 +34,8 @@ from ssl_runtime.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, evaluate_knn, resul
 def knn_on_encoder(config: CfgNode, encoder: torch.nn.Module, ctx: DistContext, logger: logging.Logger,
                    ks=DEFAULT_KS, temperature: float = DEFAULT_TEMPERATURE) -> dict[int, tuple[float, float]]:
     """k-NN accuracy of an encoder that returns pooled features; logs one result line per k."""
-    train, val = build_labelled_datasets(config, eval_transform(config))
+    transform = eval_transform(config, interpolation=BICUBIC)
+    train, val = build_labelled_datasets(config, transform, transform)
     results = evaluate_knn(encoder, train, val, ctx, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS,
                            ks=ks, temperature=temperature)
     for k, (top1, top5) in sorted(results.items()):

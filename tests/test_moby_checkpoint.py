@@ -136,8 +136,17 @@ def test_official_layout_loads_into_moby_and_linear_classifier(tmp_path):
         assert torch.allclose(model.encoder_k(x), fresh.encoder_k(x))
     assert torch.equal(model.queue1, fresh.queue1)
 
+    # resuming from it restores the weights only: its optimizer state follows upstream's order
     path = tmp_path / "moby_official.pth"
-    torch.save({"model": official}, path)
+    model_opt = build_optimizer(config, model, "cpu")
+    torch.save({"model": official, "optimizer": model_opt.state_dict(), "epoch": 7,
+                "lr_scheduler": build_scheduler(config, model_opt, 4).state_dict()}, path)
+    set_values(config, **{"MODEL.RESUME": str(path)})
+    again = build_moby(config, 4)
+    again_opt = build_optimizer(config, again, "cpu")
+    resume(config, again, again_opt, build_scheduler(config, again_opt, 4), NullScaler(), LOG)
+    assert config.TRAIN.START_EPOCH == 0 and torch.equal(again.queue2, model.queue2)
+
     classifier = build_linear_classifier(config, drop_path_rate=0.0).eval()
     head_before = classifier.head.fc.weight.clone()
     load_pretrained_encoder(classifier, path, LOG)
