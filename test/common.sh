@@ -32,15 +32,17 @@ MOBY_PRETRAIN=${MOBY_PRETRAIN:-moby/main_moby.py}
 MOBY_LINEAR=${MOBY_LINEAR:-moby/main_linear.py}
 MOBY_EVAL_KNN=${MOBY_EVAL_KNN:-moby/eval_knn.py}
 
-# DINO pretraining flags on CPU: a tiny ViT on 32-px crops of Fashion-MNIST. Warm-up keeps
-# upstream's ratio (10 of 100 epochs) so that short runs are valid.
+# DINO pretraining flags on CPU: a 2-block ViT (dim 96) on 32-px crops of Fashion-MNIST, trained on a
+# fixed 12,800-image subset (200 steps of 64 per epoch) so that a full run takes minutes; drop
+# --max_train_images (or pass 0) for the whole train split. Warm-up keeps upstream's ratio
+# (10 of 100 epochs).
 dino_small_cpu_args() {
-    echo "--arch vit_tiny --patch_size 4 --img_size 32 --local_crop_size 16 --local_crops_number 2" \
-         "--out_dim 4096 --num_workers 2 --warmup_epochs $((EPOCHS / 10))"
+    echo "--arch vit_pico --patch_size 4 --img_size 32 --local_crop_size 16 --local_crops_number 2" \
+         "--out_dim 4096 --num_workers 2 --max_train_images 12800 --warmup_epochs $((EPOCHS / 10))"
 }
 # The matching architecture flags for dino/eval_knn.py and dino/eval_linear.py on CPU.
 dino_small_cpu_eval_args() {
-    echo "--arch vit_tiny --patch_size 4 --img_size 32 --num_workers 2"
+    echo "--arch vit_pico --patch_size 4 --img_size 32 --num_workers 2"
 }
 # DINO on NPU/GPU: upstream's ViT-S/16 recipe (main_dino.py's defaults).
 dino_full_args() {
