@@ -70,6 +70,21 @@ def test_steps_and_max_epochs_limit_the_run(tiny_imagefolder, tmp_path, capsys):
     assert sorted(p.name for p in run_dir(tmp_path / "b").glob("ckpt_*")) == ["ckpt_epoch_0.pth"]
 
 
+@pytest.mark.parametrize("cfg,opts", [
+    ("moby_deit_cpu.yaml", ["MODEL.DEIT.EMBED_DIM", "24", "MODEL.DEIT.DEPTH", "1", "MODEL.DEIT.NUM_HEADS", "2"]),
+    ("moby_swin_cpu.yaml", TINY[:6] + ["MODEL.SWIN.NORM_BEFORE_MLP", "bn"]),
+])
+def test_deit_and_bn_variants_train(tiny_imagefolder, tmp_path, cfg, opts):
+    args = ["--cfg", str(ROOT / "configs" / cfg), "--data-path", str(tiny_imagefolder), "--batch-size", "8",
+            "--output", str(tmp_path), "--tag", "v", "--device", "cpu", "--opts", *opts,
+            "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", str(QUEUE), "DATA.NUM_WORKERS", "0"]
+    main_moby.main(args)
+    saved = torch.load(next(tmp_path.glob("*/v/checkpoint.pth")), weights_only=False)
+    assert int(saved["model"]["queue_ptr"]) == 24
+    if "bn" in opts:
+        assert any(k.endswith("norm2.bn.running_mean") for k in saved["model"])
+
+
 def test_accumulation_steps_and_throughput_mode(tiny_imagefolder, tmp_path, capsys):
     main_moby.main(pretrain_args(tiny_imagefolder, tmp_path, "--epochs", "1", "--accumulation-steps", "3"))
     saved = torch.load(run_dir(tmp_path) / "checkpoint.pth", weights_only=False)
