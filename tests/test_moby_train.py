@@ -71,7 +71,8 @@ def test_steps_and_max_epochs_limit_the_run(tiny_imagefolder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("cfg,opts", [
-    ("moby_deit_cpu.yaml", ["MODEL.DEIT.EMBED_DIM", "24", "MODEL.DEIT.DEPTH", "1", "MODEL.DEIT.NUM_HEADS", "2"]),
+    ("moby_deit_cpu.yaml", ["MODEL.DEIT.EMBED_DIM", "24", "MODEL.DEIT.DEPTH", "1",
+                            "MODEL.DEIT.NUM_HEADS", "2"]),
     ("moby_swin_cpu.yaml", TINY[:6] + ["MODEL.SWIN.NORM_BEFORE_MLP", "bn"]),
 ])
 def test_deit_and_bn_variants_train(tiny_imagefolder, tmp_path, cfg, opts):
