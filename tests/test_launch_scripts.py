@@ -121,7 +121,9 @@ def test_full_8p_dino_defaults_on_cpu(tmp_path):
     assert pretrain[5] == "dino/main_dino.py"
     assert flag_value(pretrain, "--batch_size_per_gpu") == "64"
     assert flag_value(pretrain, "--device") == "cpu"
-    assert flag_value(pretrain, "--arch") == "vit_tiny"
+    # the small CPU ViT is pretrained and evaluated with the same architecture flags
+    assert flag_value(pretrain, "--arch") == flag_value(evaluation, "--arch") != "vit_small"
+    assert flag_value(pretrain, "--patch_size") == flag_value(evaluation, "--patch_size")
     assert "--data_path" not in pretrain and "--num_steps" not in pretrain  # default dataset
     assert evaluation[5] == "dino/eval_knn.py"
     assert flag_value(evaluation, "--pretrained_weights") == settings["RUN_DIR"] + "/checkpoint.pth"
