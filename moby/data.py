@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-import torch
 from PIL import Image, ImageFilter, ImageOps
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
@@ -19,7 +18,7 @@ from torchvision import transforms
 from yacs.config import CfgNode
 
 from ssl_runtime import device as devices
-from ssl_runtime.data import SafeImageFolder, resolve_data_path
+from ssl_runtime.data import SafeImageFolder, limit_images, resolve_data_path
 from ssl_runtime.distributed import DistContext
 from ssl_runtime.errors import UserError
 
@@ -119,16 +118,6 @@ def dataset_root(config: CfgNode, need: tuple[str, ...]):
         raise UserError("--zip (zipped ImageNet with *_map.txt) is not supported: extract the data "
                         "and pass an ImageFolder root with --data-path")
     return resolve_data_path(config.DATA.DATA_PATH or None, need=need, flag="--data-path")
-
-
-def limit_images(folder: SafeImageFolder, max_images: int, seed: int) -> SafeImageFolder:
-    """Keep a random subset of max_images samples (in folder order); 0 keeps everything."""
-    if 0 < max_images < len(folder.samples):
-        keep = torch.randperm(len(folder.samples), generator=torch.Generator().manual_seed(seed))[:max_images]
-        folder.samples = [folder.samples[i] for i in sorted(keep.tolist())]
-        folder.imgs = folder.samples
-        folder.targets = [target for _, target in folder.samples]
-    return folder
 
 
 def train_folder(config: CfgNode, root, transform: Callable | None = None) -> SafeImageFolder:
