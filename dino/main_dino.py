@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     # Model parameters
     parser.add_argument("--arch", default="vit_small", type=str,
                         help="vit_tiny, vit_small, vit_base (deit_* accepted), resnet50, or the "
-                             "small CPU ViTs vit_nano / vit_pico")
+                             "small CPU ViT vit_pico (2 blocks, width 96)")
     parser.add_argument("--patch_size", default=16, type=int,
                         help="ViT patch size in pixels; below 16 consider --use_fp16 false")
     parser.add_argument("--out_dim", default=65536, type=int, help="dimension of the DINO head output")

@@ -12,13 +12,12 @@ from torch import nn
 from ssl_runtime.errors import UserError
 
 # Upstream's ViT sizes (vision_transformer.py) map 1:1 onto timm's registered ViTs; the patch size
-# and image size are passed as timm kwargs, so any patch size works. The small entries are not
-# upstream: they make CPU runs on 32-pixel images affordable.
+# and image size are passed as timm kwargs, so any patch size works. vit_pico (2 blocks of width 96)
+# is not upstream: it makes CPU runs on 32-pixel images affordable.
 VIT_ARCHS: dict[str, tuple[str, dict]] = {
     "vit_tiny": ("vit_tiny_patch16_224", {}),
     "vit_small": ("vit_small_patch16_224", {}),
     "vit_base": ("vit_base_patch16_224", {}),
-    "vit_nano": ("vit_tiny_patch16_224", {"embed_dim": 96, "depth": 4, "num_heads": 3}),
     "vit_pico": ("vit_tiny_patch16_224", {"embed_dim": 96, "depth": 2, "num_heads": 3}),
 }
 CNN_ARCHS: dict[str, str] = {"resnet50": "resnet50"}
