@@ -18,7 +18,7 @@ from yacs.config import CfgNode
 from ssl_runtime import device as devices
 from ssl_runtime.amp import MixedPrecision
 from ssl_runtime.distributed import DistContext
-from ssl_runtime.meters import AverageMeter, ThroughputMeter
+from ssl_runtime.meters import AverageMeter, SmoothedValue, ThroughputMeter
 
 from .checkpoint import auto_resume_path, resume
 from .config import set_values
@@ -74,25 +74,6 @@ def optimizer_step(params: list[torch.Tensor], state: TrainState, clip_grad: flo
     return grad_norm.detach()
 
 
-class RunningMean:
-    """Mean of 0-d device tensors, read (one host sync) only when a line is printed."""
-
-    def __init__(self):
-        self.total: torch.Tensor | None = None
-        self.count = 0
-        self.last: torch.Tensor | None = None
-
-    def update(self, value: torch.Tensor) -> None:
-        self.last = value
-        self.total = value if self.total is None else self.total + value
-        self.count += 1
-
-    def values(self) -> tuple[float, float]:
-        if self.total is None:
-            return 0.0, 0.0
-        return float(self.last), float(self.total) / self.count
-
-
 LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
 
 
@@ -110,7 +91,8 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
     accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
     num_steps = len(loader)
     batch_time = AverageMeter()
-    losses, norms = RunningMean(), RunningMean()
+    # device tensors, read (one host sync) only when a line is printed
+    losses, norms = SmoothedValue(), SmoothedValue()
     start = end = time.time()
     for idx, batch in enumerate(loader):
         if state.iterations_left <= 0:
@@ -137,13 +119,13 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
 
 
 def log_train_line(config: CfgNode, epoch: int, idx: int, num_steps: int, batch_time: AverageMeter,
-                   state: TrainState, losses: RunningMean, norms: RunningMean) -> None:
+                   state: TrainState, losses: SmoothedValue, norms: SmoothedValue) -> None:
     """Upstream's line, field for field (the launch scripts parse `time` and `loss` from it)."""
     lr = state.optimizer.param_groups[0]["lr"]
     memory = devices.max_memory_mb(state.ctx.device)
     eta = batch_time.avg * (num_steps - idx)
-    loss, loss_avg = losses.values()
-    norm, norm_avg = norms.values()
+    loss, loss_avg = losses.value, losses.global_avg
+    norm, norm_avg = norms.value, norms.global_avg
     state.logger.info(
         f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
         f"eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t"
