@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +36,10 @@ def tiny_imagefolder(tmp_path: Path) -> Path:
 @pytest.fixture
 def cpu_ctx():
     return single_process_context("cpu")
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address, for the rendezvous of multi-process tests."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,13 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import make_imagefolder
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "vit_pico", "--patch_size", "4", "--img_size", "32", "--local_crop_size", "16",
         "--local_crops_number", "2", "--out_dim", "64", "--batch_size_per_gpu", "4", "--epochs", "1",
         "--warmup_epochs", "0", "--num_workers", "0", "--use_fp16", "false", "--device", "cpu"]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _flat(module: torch.nn.Module) -> torch.Tensor:

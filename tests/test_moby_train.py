@@ -4,7 +4,6 @@ k-NN evaluation, user errors, and a 2-process CPU run whose keys are gathered in
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from moby import eval_knn, main_linear, main_moby
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CFG = str(ROOT / "configs" / "moby_swin_cpu.yaml")
@@ -150,17 +150,12 @@ def test_user_errors_exit_with_code_2(tiny_imagefolder, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_process_cpu_run_gathers_keys_into_queues(tiny_imagefolder, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(ROOT / "moby" / "main_moby.py"),
+           f"--master_port={free_port()}", str(ROOT / "moby" / "main_moby.py"),
            *pretrain_args(tiny_imagefolder, tmp_path, "--epochs", "1")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

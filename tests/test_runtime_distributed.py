@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 
 from ssl_runtime import distributed as dist_utils
+from conftest import free_port
 
 
 def test_helpers_are_identities_at_world_size_one():
@@ -24,11 +24,6 @@ def test_helpers_are_identities_at_world_size_one():
     assert dist_utils.wrap_ddp(model, ctx) is model
     assert dist_utils.convert_sync_batchnorm(model, ctx) is model
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -53,7 +48,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_collectives_in_a_real_two_process_gloo_group(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["ctx"] == (rank, 2, True, "gloo")
