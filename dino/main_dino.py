@@ -32,7 +32,7 @@ from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.checkpoint import load_checkpoint, save_atomic  # noqa: E402
 from ssl_runtime.data import (SafeImageFolder, build_loader, limit_images, resolve_data_path,  # noqa: E402
                               set_loader_epoch)
-from ssl_runtime.device import add_device_arg  # noqa: E402
+from ssl_runtime.device import add_device_arg, compile_module  # noqa: E402
 from ssl_runtime.distributed import (DistContext, add_launcher_args, convert_sync_batchnorm,  # noqa: E402
                                      init_distributed, unwrap, wrap_ddp)
 from ssl_runtime.ema import ema_update_  # noqa: E402
@@ -114,6 +114,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=".", type=str, help="where logs and checkpoints go")
     parser.add_argument("--saveckp_freq", default=20, type=int, help="save checkpointNNNN.pth every x epochs")
     parser.add_argument("--seed", default=0, type=int, help="random seed")
+    parser.add_argument("--compile", default=False, type=bool_flag,
+                        help="torch.compile the student and teacher backbones (CUDA, CPU; not NPU)")
     parser.add_argument("--num_workers", default=10, type=int, help="data loading workers per process")
     add_launcher_args(parser)
     add_device_arg(parser)
@@ -209,13 +211,45 @@ class NonFiniteLossGuard:
 
 # ---------------------------------------------------------------- training
 
+def train_step(student, teacher, dino_loss, images: list[torch.Tensor], optimizer, mp, epoch: int,
+               momentum: float, args, params: tuple[list, list]) -> torch.Tensor:
+    """One optimisation step on a batch of crops already on the device; returns the loss tensor.
+
+    Never waits for the device: the training loop and dino/benchmark.py both call it.
+    """
+    student_params, teacher_params = params
+    with mp.autocast():
+        with torch.no_grad():
+            teacher_output = teacher(images[:2])  # the teacher sees the 2 global views only
+        student_output = student(images)
+        loss = dino_loss(student_output, teacher_output, epoch)
+
+    optimizer.zero_grad(set_to_none=True)
+    mp.scaler.scale(loss).backward()
+    if args.clip_grad:
+        mp.scaler.unscale_(optimizer)
+        clip_gradients(student, args.clip_grad)
+    cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+    mp.scaler.step(optimizer)
+    mp.scaler.update()
+
+    ema_update_(teacher_params, student_params, momentum)
+    return loss.detach()
+
+
+def set_schedule_values(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        if i == 0:  # only the first group is regularised
+            group["weight_decay"] = wd
+
+
 def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch,
                     args, ctx: DistContext, throughput: ThroughputMeter, guard: NonFiniteLossGuard,
                     steps_left: int | None) -> tuple[dict, int, bool]:
     """One pass over the data (or fewer steps); returns (stats, steps done, epoch completed)."""
     lr_schedule, wd_schedule, momentum_schedule = schedules
-    student_params = list(unwrap(student).parameters())
-    teacher_params = list(teacher.parameters())
+    params = (list(unwrap(student).parameters()), list(teacher.parameters()))
     metric_logger = MetricLogger(delimiter="  ", device=ctx.device)
     header = f"Epoch: [{epoch}/{args.epochs}]"
     steps, loss = 0, torch.zeros(())
@@ -223,33 +257,15 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
     batches = itertools.islice(data_loader, total)  # a --num_steps run may end mid-epoch
     for it, (images, _) in enumerate(metric_logger.log_every(batches, PRINT_FREQ, header, total=total)):
         global_it = len(data_loader) * epoch + it
-        for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr_schedule[global_it]
-            if i == 0:  # only the first group is regularised
-                group["weight_decay"] = wd_schedule[global_it]
-
+        set_schedule_values(optimizer, lr_schedule[global_it], wd_schedule[global_it])
         images = [im.to(ctx.device, non_blocking=True) for im in images]
-        with mp.autocast():
-            with torch.no_grad():
-                teacher_output = teacher(images[:2])  # the teacher sees the 2 global views only
-            student_output = student(images)
-            loss = dino_loss(student_output, teacher_output, epoch)
+        loss = train_step(student, teacher, dino_loss, images, optimizer, mp, epoch,
+                          float(momentum_schedule[global_it]), args, params)
         guard.record(loss)
         if it % PRINT_FREQ == 0:
             guard.check(global_it, loss)
 
-        optimizer.zero_grad(set_to_none=True)
-        mp.scaler.scale(loss).backward()
-        if args.clip_grad:
-            mp.scaler.unscale_(optimizer)
-            clip_gradients(student, args.clip_grad)
-        cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-        mp.scaler.step(optimizer)
-        mp.scaler.update()
-
-        ema_update_(teacher_params, student_params, float(momentum_schedule[global_it]))
-
-        metric_logger.update(loss=loss.detach())
+        metric_logger.update(loss=loss)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
         throughput.step()
@@ -270,6 +286,9 @@ def build_student_teacher(args, ctx: DistContext) -> tuple[nn.Module, nn.Module]
     teacher.load_state_dict(unwrap(student).state_dict())  # ...so copy them only afterwards
     for p in teacher.parameters():
         p.requires_grad = False  # the teacher only follows the student's EMA
+    if getattr(args, "compile", False):
+        compile_module(unwrap(student).backbone, ctx.device_type)
+        compile_module(teacher.backbone, ctx.device_type)
     return student, teacher
 
 

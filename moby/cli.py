@@ -53,7 +53,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_pretrain_limits(parser: argparse.ArgumentParser) -> None:
-    """The Ascend port's flags for short runs."""
+    """The Ascend port's flags for short runs, and --compile."""
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the encoders (TRAIN.COMPILE; CUDA and CPU, not NPU)")
     parser.add_argument("--steps", type=int,
                         help="stop after this many training iterations (performance runs)")
     parser.add_argument("--max_epochs", type=int,

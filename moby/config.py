@@ -100,6 +100,8 @@ _C.TRAIN.USE_CHECKPOINT = False
 _C.TRAIN.STEPS = 0
 # (ours, Ascend --max_epochs) stop before this epoch while keeping the EPOCHS-long schedule; 0 = off.
 _C.TRAIN.MAX_EPOCHS = 0
+# (ours) torch.compile the online and target encoders (CUDA, CPU; ignored on NPU).
+_C.TRAIN.COMPILE = False
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # 'cosine', 'linear' or 'step'
@@ -222,6 +224,7 @@ _CLI_OVERRIDES = (
     ("epochs", "TRAIN.EPOCHS"),
     ("steps", "TRAIN.STEPS"),
     ("max_epochs", "TRAIN.MAX_EPOCHS"),
+    ("compile", "TRAIN.COMPILE"),
     ("device", "DEVICE"),
 )
 

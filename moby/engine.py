@@ -77,6 +77,24 @@ def optimizer_step(params: list[torch.Tensor], state: TrainState, clip_grad: flo
 LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
 
 
+def train_step(model: torch.nn.Module, batch: tuple, state: TrainState, compute_loss: LossFn,
+               params: list[torch.Tensor], clip_grad: float, accumulation: int = 1,
+               boundary: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward, scaled backward and, at an accumulation boundary, the optimizer step.
+
+    Returns (loss, gradient norm or None) as device tensors: nothing here waits for the device.
+    The training loop and moby/benchmark.py both call it.
+    """
+    # Between optimizer steps DDP need not all-reduce gradients.
+    quiet = model.no_sync() if not boundary and hasattr(model, "no_sync") else contextlib.nullcontext()
+    with quiet:
+        with state.mp.autocast():
+            loss = compute_loss(model, batch)
+        state.mp.scaler.scale(loss / accumulation).backward()
+    grad_norm = optimizer_step(params, state, clip_grad) if boundary else None
+    return loss.detach(), grad_norm
+
+
 def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader, epoch: int,
                     state: TrainState, compute_loss: LossFn) -> bool:
     """One epoch of compute_loss(model, batch) -> backward -> clipped step -> per-step lr update.
@@ -100,16 +118,12 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
         state.iterations_left -= 1
         batch = devices.to_device(batch, state.ctx.device)
         boundary = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
-        # Between optimizer steps DDP need not all-reduce gradients.
-        quiet = model.no_sync() if not boundary and hasattr(model, "no_sync") else contextlib.nullcontext()
-        with quiet:
-            with state.mp.autocast():
-                loss = compute_loss(model, batch)
-            state.mp.scaler.scale(loss / accumulation).backward()
-        if boundary:
-            norms.update(optimizer_step(params, state, config.TRAIN.CLIP_GRAD))
+        loss, grad_norm = train_step(model, batch, state, compute_loss, params, config.TRAIN.CLIP_GRAD,
+                                     accumulation, boundary)
+        if grad_norm is not None:
+            norms.update(grad_norm)
             state.lr_scheduler.step_update(epoch * num_steps + idx)
-        losses.update(loss.detach().float())
+        losses.update(loss.float())
         batch_time.update(time.time() - end)
         end = time.time()
         if idx % config.PRINT_FREQ == 0:

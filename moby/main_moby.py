@@ -28,7 +28,7 @@ from moby.config import set_values  # noqa: E402
 from moby.data import build_pretrain_dataset  # noqa: E402
 from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, last_epoch, maybe_resume,  # noqa: E402
                          measure_throughput, prepare_budget, train_one_epoch)
-from moby.model import build_moby, check_queue_size  # noqa: E402
+from moby.model import build_moby, check_queue_size, maybe_compile_encoders  # noqa: E402
 from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.data import build_loader, set_loader_epoch  # noqa: E402
@@ -52,6 +52,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     logger.info(f"Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME}")
     moby = build_moby(config, steps_per_epoch)
     moby = convert_sync_batchnorm(moby, ctx).to(ctx.device)
+    maybe_compile_encoders(config, moby, ctx.device_type)
     logger.info(str(moby))
     optimizer = build_optimizer(config, moby, ctx.device_type)
     mp = MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", ctx.device_type)

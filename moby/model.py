@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode
 
+from ssl_runtime.device import compile_module
 from ssl_runtime.distributed import all_gather_cat
 from ssl_runtime.ema import ema_update_
 from ssl_runtime.errors import UserError
@@ -85,6 +86,9 @@ class MoBY(nn.Module):
                 p_k.data.copy_(p.data)
                 p_k.requires_grad = False  # the target follows by EMA only
 
+        self.views_share_pass = not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                        for m in encoder.modules())
+
         # Momentum schedule position: k steps done out of K = steps per epoch * epochs.
         self.total_steps = max(int(total_steps), 1)
         self.step = 0
@@ -108,9 +112,6 @@ class MoBY(nn.Module):
         ema_update_(list(self.encoder_k.parameters()) + list(self.projector_k.parameters()),
                     list(self.encoder.parameters()) + list(self.projector.parameters()), m)
 
-    @torch.no_grad()
-    def target_keys(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projector_k(self.encoder_k(images)), dim=1)
 
     # ---------------------------------------------------------------- queues
     @torch.no_grad()
@@ -129,19 +130,27 @@ class MoBY(nn.Module):
         self.queue_ptr.fill_(self._ptr)
 
     # ---------------------------------------------------------------- forward
-    def online_predictions(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.predictor(self.projector(self.encoder(images))), dim=1)
+    def encode_views(self, encoder: nn.Module, im_1: torch.Tensor,
+                     im_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder features of both views. Swin and DeiT normalise each image on its own
+        (LayerNorm), so both views go through in one pass of twice the batch: the same features
+        with larger matrix products. Encoders with BatchNorm (NORM_BEFORE_MLP='bn') keep upstream's
+        one pass per view, as their batch statistics are per view."""
+        if self.views_share_pass and im_1.shape == im_2.shape:
+            return encoder(torch.cat([im_1, im_2])).chunk(2)
+        return encoder(im_1), encoder(im_2)
 
     def forward(self, im_1: torch.Tensor, im_2: torch.Tensor) -> torch.Tensor:
-        # One pass per view (not both views in one batch): BatchNorm statistics are per view,
-        # as upstream.
-        pred_1 = self.online_predictions(im_1)
-        pred_2 = self.online_predictions(im_2)
+        # The projector and predictor hold BatchNorm: they see each view apart, as upstream.
+        feat_1, feat_2 = self.encode_views(self.encoder, im_1, im_2)
+        pred_1 = F.normalize(self.predictor(self.projector(feat_1)), dim=1)
+        pred_2 = F.normalize(self.predictor(self.projector(feat_2)), dim=1)
 
         with torch.no_grad():
             self.momentum_update()  # before the target pass, as upstream
-            key_1 = self.target_keys(im_1)
-            key_2 = self.target_keys(im_2)
+            feat_1, feat_2 = self.encode_views(self.encoder_k, im_1, im_2)
+            key_1 = F.normalize(self.projector_k(feat_1), dim=1)
+            key_2 = F.normalize(self.projector_k(feat_2), dim=1)
 
         loss = contrastive_loss(pred_1, key_2, self.queue2, self.contrast_temperature) \
             + contrastive_loss(pred_2, key_1, self.queue1, self.contrast_temperature)
@@ -175,6 +184,13 @@ def build_moby(config: CfgNode, steps_per_epoch: int) -> MoBY:
                 proj_num_layers=moby.PROJ_NUM_LAYERS,
                 pred_num_layers=moby.PRED_NUM_LAYERS,
                 total_steps=steps_per_epoch * config.TRAIN.EPOCHS)
+
+
+def maybe_compile_encoders(config: CfgNode, moby: MoBY, device_type: str) -> None:
+    """TRAIN.COMPILE / --compile: torch.compile both encoders in place (state-dict keys unchanged)."""
+    if config.TRAIN.COMPILE:
+        compile_module(moby.encoder, device_type)
+        compile_module(moby.encoder_k, device_type)
 
 
 def build_linear_classifier(config: CfgNode, drop_path_rate: float) -> nn.Module:

@@ -150,9 +150,14 @@ class MixedPrecision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
+    @property
+    def precision(self) -> str:
+        """'fp32', 'fp16' or 'bf16': the compute type of autocast regions."""
+        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+
     def describe(self) -> str:
         if self.apex is not None:
             return f"apex {self.level}"
-        name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        name = self.precision
         scaling = "with loss scaling" if self.scaler.is_enabled() else "no loss scaling"
         return f"{self.level}: {name} on {self.device_type}, {scaling}"

@@ -140,6 +140,19 @@ def set_fast_math(kind: str) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def compile_module(module: torch.nn.Module, kind: str) -> bool:
+    """torch.compile a module in place (its state-dict keys stay the same); one graph per input
+    shape, since multi-crop training feeds a fixed set of resolutions. Not on NPU, where
+    torch_npu's compiler support varies by release: a warning, and the module runs eagerly."""
+    if kind == "npu":
+        import warnings
+
+        warnings.warn("--compile is ignored on NPU: the model runs eagerly", stacklevel=2)
+        return False
+    module.compile(dynamic=False)
+    return True
+
+
 def describe(kind: str) -> str:
     if kind == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"

@@ -56,13 +56,35 @@ def test_weight_decay_groups():
 def test_optimizers_pick_device_kernels():
     params = [torch.nn.Parameter(torch.ones(2))]
     adamw = build_optimizer("adamw", [{"params": params}], "cpu", lr=0.1)
-    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["foreach"] is True
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"] is True
     sgd = build_optimizer("sgd", [{"params": params}], "cpu", lr=0.1, nesterov=True)
-    assert sgd.defaults["nesterov"] and sgd.defaults["foreach"]
+    assert sgd.defaults["nesterov"] and sgd.defaults["fused"]
     assert isinstance(build_optimizer("lars", [{"params": params}], "cpu"), LARS)
     from ssl_runtime.errors import UserError
     with pytest.raises(UserError, match="adamw, sgd, lars"):
         build_optimizer("adam", [{"params": params}], "cpu")
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_kernels_update_like_the_plain_optimizer(name):
+    """The fused CPU kernel is a speed-up only: five steps land where torch's reference loop does."""
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(3)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(5)]
+    fast = [torch.nn.Parameter(t.clone()) for t in start]
+    plain = [torch.nn.Parameter(t.clone()) for t in start]
+    settings = dict(lr=0.05, weight_decay=0.1)
+    fused = build_optimizer(name, [{"params": fast}], "cpu", momentum=0.9, **settings)
+    reference = (torch.optim.AdamW(plain, foreach=False, **settings) if name == "adamw"
+                 else torch.optim.SGD(plain, momentum=0.9, foreach=False, **settings))
+    for step_grads in grads:
+        for params, opt in ((fast, fused), (plain, reference)):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(fast[0], start[0])
 
 
 def test_lars_step_by_hand():

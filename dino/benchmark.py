@@ -1,0 +1,116 @@
+"""Time DINO's training step and its multi-crop data pipeline.
+
+Every main_dino.py flag applies (architecture, patch and crop sizes, crop counts, batch, precision,
+optimizer...), plus the --bench_* flags. The step is main_dino.train_step itself, run on random
+crops already on the device; the data pipeline is timed apart, on the dataset's images.
+
+    python dino/benchmark.py --arch vit_small --patch_size 16 --local_crops_number 10 \
+        --batch_size_per_gpu 8 --use_fp16 false --bench_json out/dino_vits16.json
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python dino/benchmark.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+
+import torch  # noqa: E402
+
+from dino.augment import DataAugmentationDINO  # noqa: E402
+from dino.loss import DINOLoss  # noqa: E402
+from dino.main_dino import (build_optimizer_for, build_schedules, build_student_teacher,  # noqa: E402
+                            get_args_parser, set_schedule_values, train_step, validate_args)
+from ssl_runtime import bench  # noqa: E402
+from ssl_runtime.amp import MixedPrecision  # noqa: E402
+from ssl_runtime.data import SafeImageFolder, resolve_data_path  # noqa: E402
+from ssl_runtime.device import set_fast_math  # noqa: E402
+from ssl_runtime.distributed import single_process_context, unwrap  # noqa: E402
+from ssl_runtime.errors import main_entry  # noqa: E402
+from ssl_runtime.misc import fix_random_seeds  # noqa: E402
+
+
+def crop_shapes(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
+    """(batch, 3, size, size) of the 2 global crops, then of the local crops."""
+    batch = args.batch_size_per_gpu
+    return [(batch, 3, args.img_size, args.img_size)] * 2 + \
+        [(batch, 3, args.local_crop_size, args.local_crop_size)] * args.local_crops_number
+
+
+def layout(args: argparse.Namespace) -> str:
+    text = f"2x{args.img_size}"
+    if args.local_crops_number:
+        text += f"+{args.local_crops_number}x{args.local_crop_size}"
+    return text
+
+
+def default_name(args: argparse.Namespace, device_type: str, precision: str) -> str:
+    patch = f"/{args.patch_size}" if args.arch.startswith("vit") else ""
+    return (f"dino {args.arch}{patch} {layout(args)} out_dim {args.out_dim} batch "
+            f"{args.batch_size_per_gpu} {device_type} {precision}")
+
+
+def time_dino_step(args: argparse.Namespace, ctx) -> bench.StepFigures:
+    student, teacher = build_student_teacher(args, ctx)
+    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(ctx.device)
+    optimizer = build_optimizer_for(student, args, ctx)
+    mp = MixedPrecision.from_flag(args.use_fp16, ctx.device_type)
+    lr, wd, momentum = (schedule[0] for schedule in build_schedules(args, 1, ctx.world_size))
+    set_schedule_values(optimizer, max(float(lr), 1e-6), float(wd))  # step 0 of warm-up has lr 0
+    params = (list(unwrap(student).parameters()), list(teacher.parameters()))
+    generator = torch.Generator().manual_seed(args.seed)
+    images = [torch.randn(shape, generator=generator).to(ctx.device) for shape in crop_shapes(args)]
+    epoch = args.freeze_last_layer  # past the frozen-last-layer epochs: the full update is timed
+
+    def step() -> torch.Tensor:
+        return train_step(student, teacher, dino_loss, images, optimizer, mp, epoch, float(momentum),
+                          args, params)
+
+    return bench.time_steps(step, ctx.device, args.batch_size_per_gpu, args.bench_steps, args.bench_warmup)
+
+
+def pipeline_folder(args: argparse.Namespace, scratch: Path) -> Path:
+    """The dataset's train/ images; without --data_path, Fashion-MNIST for small crops and
+    synthetic ImageNet-sized JPEGs for 224-pixel crops (what a user's ImageNet run decodes)."""
+    if args.data_path or args.img_size < 128:
+        root = resolve_data_path(args.data_path, need=())
+        return root / "train" if (root / "train").is_dir() else root
+    return bench.synthetic_jpeg_folder(scratch)
+
+
+def time_dino_pipeline(args: argparse.Namespace, workers: list[int]) -> dict[int, float]:
+    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
+                                     args.local_crops_number, args.img_size, args.local_crop_size)
+    with tempfile.TemporaryDirectory() as scratch:
+        dataset = SafeImageFolder(pipeline_folder(args, Path(scratch)), transform=transform)
+        return {w: bench.time_data_pipeline(dataset, args.batch_size_per_gpu, w, args.bench_batches)
+                for w in workers}
+
+
+@main_entry
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser("DINO benchmark", parents=[get_args_parser()])
+    bench.add_benchmark_args(parser)
+    args = parser.parse_args(argv)
+    validate_args(args)
+    bench.check_benchmark_args(args)
+    ctx = single_process_context(args.device)
+    set_fast_math(ctx.device_type)
+    fix_random_seeds(args.seed)
+    mp = MixedPrecision.from_flag(args.use_fp16, ctx.device_type)
+    name = args.bench_name or default_name(args, ctx.device_type, mp.precision)
+    step = None if args.bench_skip_step else time_dino_step(args, ctx)
+    rates = time_dino_pipeline(args, bench.worker_counts(args, args.num_workers))
+    config = {"method": "dino", "arch": args.arch, "patch_size": args.patch_size, "crops": layout(args),
+              "out_dim": args.out_dim, "batch": args.batch_size_per_gpu, "precision": mp.precision,
+              "compile": bool(args.compile), "use_bn_in_head": args.use_bn_in_head}
+    bench.report(name, config, ctx.device, step, rates, args.bench_json)
+
+
+if __name__ == "__main__":
+    main()

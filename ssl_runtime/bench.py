@@ -1,0 +1,192 @@
+"""Benchmark harness shared by dino/benchmark.py and moby/benchmark.py.
+
+Times a training step on inputs already on the device (data loading excluded) and, separately,
+the data pipeline (decoding + augmentation + collation) per worker count; prints one line per
+figure and writes everything to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import device as devices
+from .errors import UserError
+
+
+def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--bench_steps", type=int, default=20, help="timed training steps")
+    group.add_argument("--bench_warmup", type=int, default=5,
+                       help="untimed steps first (allocations, kernel selection, compilation)")
+    group.add_argument("--bench_workers", type=int, nargs="*", default=None,
+                       help="data-loader worker counts to time the data pipeline with "
+                            "(default: 0 and the run's --num_workers; none: skip it)")
+    group.add_argument("--bench_batches", type=int, default=10,
+                       help="timed batches per worker count for the data pipeline")
+    group.add_argument("--bench_skip_step", action="store_true", help="time only the data pipeline")
+    group.add_argument("--bench_json", type=str, default="", help="also write the figures to this JSON file")
+    group.add_argument("--bench_name", type=str, default="", help="label for the printed lines and JSON")
+
+
+def check_benchmark_args(args: argparse.Namespace) -> None:
+    if args.bench_steps <= 0 or args.bench_warmup < 0 or args.bench_batches <= 0:
+        raise UserError("--bench_steps and --bench_batches must be positive and --bench_warmup >= 0")
+    if any(w < 0 for w in args.bench_workers or ()):
+        raise UserError(f"--bench_workers must be >= 0, got {args.bench_workers}")
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak device memory allocated by torch on an accelerator; the process's peak RSS on CPU."""
+    if devices.device_kind(device) == "cpu":
+        scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "peak RSS"
+    return devices.max_memory_mb(device), "peak allocated"
+
+
+@dataclass
+class StepFigures:
+    images_per_step: int
+    ms_median: float
+    ms_p10: float
+    ms_p90: float
+    ms_min: float
+    ms_max: float
+    steps: int
+    warmup: int
+    images_per_s: float
+    peak_memory_mb: float
+    memory_kind: str
+    times_ms: list[float] = field(repr=False)
+
+
+def time_steps(step: Callable[[], object], device: torch.device, images_per_step: int,
+               steps: int, warmup: int) -> StepFigures:
+    """Run `step` warmup + steps times, waiting for the device after each; per-step wall times."""
+    devices.reset_peak_memory(device)
+    for _ in range(warmup):
+        step()
+    devices.synchronize(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        devices.synchronize(device)
+        times.append((time.perf_counter() - start) * 1000)
+    ordered = sorted(times)
+    median = statistics.median(ordered)
+    memory, kind = peak_memory_mb(device)
+    return StepFigures(
+        images_per_step=images_per_step, ms_median=median,
+        ms_p10=_quantile(ordered, 0.1), ms_p90=_quantile(ordered, 0.9),
+        ms_min=ordered[0], ms_max=ordered[-1], steps=steps, warmup=warmup,
+        images_per_s=images_per_step * 1000 / median, peak_memory_mb=memory, memory_kind=kind,
+        times_ms=times)
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile of an already sorted list."""
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def step_line(name: str, figures: StepFigures) -> str:
+    return (f"[{name}] train step: {figures.images_per_s:.2f} images/s, {figures.ms_median:.1f} ms/step "
+            f"median (p10 {figures.ms_p10:.1f}, p90 {figures.ms_p90:.1f}, {figures.steps} steps after "
+            f"{figures.warmup} warm-up), {figures.memory_kind} {figures.peak_memory_mb:.0f} MB")
+
+
+def time_data_pipeline(dataset: Dataset, batch_size: int, workers: int, batches: int,
+                       collate_fn: Callable | None = None) -> float:
+    """Images/s delivered by a DataLoader over `dataset` (decode + augment + collate) on the host.
+
+    The first batches (worker start-up) are not timed; the dataset is cycled when it is short.
+    """
+    warmup = min(2, batches)
+    needed = (batches + warmup) * batch_size
+    if len(dataset) < batch_size:  # type: ignore[arg-type]
+        raise UserError(f"the benchmark dataset has {len(dataset)} images, fewer than one batch of {batch_size}")  # type: ignore[arg-type]
+    indices = [i % len(dataset) for i in range(needed)]  # type: ignore[arg-type]
+    extra = {"prefetch_factor": 2} if workers > 0 else {}
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=collate_fn, drop_last=True, **extra)
+    iterator = iter(loader)
+    for _ in range(warmup):
+        next(iterator)
+    start = time.perf_counter()
+    count = 0
+    for _ in range(batches):
+        next(iterator)
+        count += batch_size
+    rate = count / (time.perf_counter() - start)
+    del iterator
+    return rate
+
+
+def data_line(name: str, workers: int, rate: float, step_rate: float | None) -> str:
+    keeps_up = ""
+    if step_rate:
+        keeps_up = " (keeps up with the step)" if rate >= step_rate else \
+            f" (slower than the step's {step_rate:.2f} images/s: add workers)"
+    return f"[{name}] data pipeline: {workers} workers, {rate:.2f} images/s{keeps_up}"
+
+
+def environment(device: torch.device) -> dict:
+    import timm
+
+    return {"device": devices.describe(devices.device_kind(device)), "torch": torch.__version__,
+            "timm": timm.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def report(name: str, config: dict, device: torch.device, step: StepFigures | None,
+           data_rates: dict[int, float], json_path: str) -> dict:
+    """Print the figures and write the JSON record; returns the record."""
+    if step is not None:
+        print(step_line(name, step), flush=True)
+    for workers, rate in data_rates.items():
+        print(data_line(name, workers, rate, step.images_per_s if step else None), flush=True)
+    record = {"name": name, "config": config, "environment": environment(device),
+              "step": asdict(step) if step else None,
+              "data_pipeline": [{"workers": w, "images_per_s": r} for w, r in data_rates.items()]}
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"[{name}] figures written to {path}", flush=True)
+    return record
+
+
+def worker_counts(args: argparse.Namespace, default_workers: int) -> list[int]:
+    if args.bench_workers is not None:
+        return list(dict.fromkeys(args.bench_workers))
+    return list(dict.fromkeys([0, default_workers]))
+
+
+def synthetic_jpeg_folder(root: Path, count: int = 64, size: tuple[int, int] = (500, 375)) -> Path:
+    """An ImageFolder of ImageNet-sized JPEGs (smooth colour fields plus noise), for timing the
+    decode and augmentation of full-size photos when no dataset is given."""
+    from PIL import Image
+
+    folder = root / "train" / "synthetic"
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    width, height = size
+    for i in range(count):
+        coarse = torch.rand(3, 8, 8, generator=generator)
+        field = torch.nn.functional.interpolate(coarse[None], size=(height, width), mode="bicubic",
+                                                align_corners=False)[0]
+        noisy = (field + 0.1 * torch.randn(3, height, width, generator=generator)).clamp(0, 1)
+        pixels = (noisy * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
+    return root / "train"
