@@ -94,7 +94,8 @@ class SafeImageFolder(ImageFolder):
         try:
             super().__init__(str(root), transform=transform, **kwargs)
         except FileNotFoundError as exc:
-            raise UserError(f"cannot read {root} as an ImageFolder dataset: {exc}") from None
+            raise UserError(f"{root} contains no images in class folders ({exc}): the layout must "
+                            f"be {root}/<class>/<image>") from None
         empty = sorted(set(self.classes) - {self.classes[t] for t in set(self.targets)})
         if empty:
             warnings.warn(f"{root}: class folder(s) without images: {', '.join(empty[:10])}")
