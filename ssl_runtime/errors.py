@@ -44,7 +44,8 @@ def main_entry(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 def _report(line: str, code: int) -> None:
-    print(line, file=sys.stderr, flush=True)
+    sys.stderr.write(line + "\n")  # not print(): non-main ranks may have it silenced
+    sys.stderr.flush()
     if rank_tag():
         sys.stdout.flush()
         os._exit(code)  # no interpreter teardown that could wait on a dead peer
@@ -57,6 +58,10 @@ def rank_tag() -> str:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return f"[rank {dist.get_rank()}] "
+    # the group may already be gone (destroyed in a `finally`): ask the launcher's environment
+    for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(rank, "").isdigit() and int(os.environ.get(size, "1") or 1) > 1:
+            return f"[rank {os.environ[rank]}] "
     return ""
 
 
