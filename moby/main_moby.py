@@ -90,7 +90,6 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
         # read, so a resumed run restarts the momentum schedule from its start; we continue it.
         moby.step = config.TRAIN.START_EPOCH * steps_per_epoch + state.resume_step
     skip_batches(loader, state.resume_step)
-    state.checkpointer = step_checkpointer(config, moby, state, steps_per_epoch)
 
     if config.THROUGHPUT_MODE:
         measure_throughput(loader, moby.encoder, ctx, logger)
@@ -102,6 +101,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
         return
 
     prepare_budget(config, state, steps_per_epoch)
+    state.checkpointer = step_checkpointer(config, moby, state, steps_per_epoch)
     logger.info("Start self-supervised pre-training")
     start_time = time.time()
     for epoch in range(config.TRAIN.START_EPOCH, last_epoch(config)):

@@ -123,6 +123,9 @@ class StopSignal:
         self._previous = {signum: signal.signal(signum, self._handle) for signum in signals}
 
     def _handle(self, signum: int, _frame) -> None:
+        if self.received is not None:  # asked twice: stop now, the default way
+            self.restore()
+            signal.raise_signal(signum)
         self.received = signum
 
     def restore(self) -> None:

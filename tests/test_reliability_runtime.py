@@ -4,6 +4,7 @@ process-group timeout, and a 2-process job whose rank 1 fails (DINO and MoBY).""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from conftest import free_port, make_imagefolder
 from ssl_runtime import distributed as dist_utils
 from ssl_runtime.checkpoint import load_first_readable, previous_path, save_atomic
 from ssl_runtime.errors import UserError
-from ssl_runtime.resilience import Interrupted, StepCheckpointer, StepHealth
+from ssl_runtime.resilience import Interrupted, StepCheckpointer, StepHealth, StopSignal
 from tests.reliability_helpers import ROOT, env
 
 
@@ -156,3 +157,17 @@ def test_a_failing_rank_stops_the_whole_job_and_is_named(tmp_path, method):
     assert codes[0] != 0, errors[0][-3000:]  # the healthy rank does not carry on or hang
     assert "error: [rank 0]" in errors[0] and "its own 'error: [rank N]' line gives the cause" in errors[0]
     assert elapsed < 60  # well inside the 1-minute process-group timeout: it did not wait for it
+
+
+def test_sigterm_sets_a_flag_once_and_a_second_one_stops_at_once():
+    stop = StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested() and stop.received == signal.SIGTERM  # and the process lives on
+        handled = []
+        signal.signal(signal.SIGTERM, lambda signum, _frame: handled.append(signum))
+        stop._previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+        stop._handle(signal.SIGTERM, None)  # the second request goes to the previous handler
+        assert handled == [signal.SIGTERM]
+    finally:
+        stop.restore()
