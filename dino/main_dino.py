@@ -29,7 +29,7 @@ from dino.checkpoints import load_training_state  # noqa: E402
 from dino.loss import DINOLoss  # noqa: E402
 from dino.models import build_dino_networks, canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
-from ssl_runtime.checkpoint import load_checkpoint, save_atomic  # noqa: E402
+from ssl_runtime.checkpoint import load_first_readable, previous_path, save_atomic  # noqa: E402
 from ssl_runtime.data import (SafeImageFolder, build_loader, limit_images, resolve_data_path,  # noqa: E402
                               set_loader_epoch)
 from ssl_runtime.device import add_device_arg, compile_module  # noqa: E402
@@ -40,6 +40,8 @@ from ssl_runtime.errors import UserError, main_entry  # noqa: E402
 from ssl_runtime.logs import silence_non_main  # noqa: E402
 from ssl_runtime.meters import MetricLogger, ThroughputMeter  # noqa: E402
 from ssl_runtime.misc import bool_flag, fix_random_seeds  # noqa: E402
+from ssl_runtime.resilience import (StepCheckpointer, StepHealth, StopSignal, restore_rng_state,  # noqa: E402
+                                    rng_state, skip_batches)
 from ssl_runtime.optim import OPTIMIZERS, build_optimizer, param_groups_weight_decay  # noqa: E402
 from ssl_runtime.schedules import cosine_schedule  # noqa: E402
 
@@ -113,6 +115,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="train on a fixed random subset of this many images (0: all; short CPU runs)")
     parser.add_argument("--output_dir", default=".", type=str, help="where logs and checkpoints go")
     parser.add_argument("--saveckp_freq", default=20, type=int, help="save checkpointNNNN.pth every x epochs")
+    parser.add_argument("--saveckp_steps", default=0, type=int,
+                        help="(ours) also save checkpoint.pth every x steps inside an epoch, so an "
+                             "interrupted run loses at most x steps (0: only at epoch ends)")
     parser.add_argument("--seed", default=0, type=int, help="random seed")
     parser.add_argument("--compile", default=False, type=bool_flag,
                         help="torch.compile the student and teacher backbones (CUDA, CPU; not NPU)")
@@ -155,9 +160,10 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} {getattr(args, name)} must be between 0 and --epochs {args.epochs}")
     _check_scale("global_crops_scale", args.global_crops_scale)
     _check_scale("local_crops_scale", args.local_crops_scale)
-    if min(args.clip_grad, args.freeze_last_layer, args.saveckp_freq, args.max_train_images) < 0:
-        raise UserError("--clip_grad, --freeze_last_layer, --saveckp_freq and --max_train_images "
-                        "must be >= 0")
+    if min(args.clip_grad, args.freeze_last_layer, args.saveckp_freq, args.max_train_images,
+           args.saveckp_steps) < 0:
+        raise UserError("--clip_grad, --freeze_last_layer, --saveckp_freq, --saveckp_steps and "
+                        "--max_train_images must be >= 0")
 
 
 def training_folder(data_path: str | None) -> Path:
@@ -189,24 +195,14 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
             param.grad = None
 
 
-class NonFiniteLossGuard:
-    """Remembers on the device whether any loss was NaN/inf; checked only when the host already
-    waits (print steps, end of epoch) so the step itself never synchronises."""
+DINO_ADVICE = "--use_fp16 false, a lower --lr or a higher --clip_grad"
 
-    def __init__(self, device: torch.device):
-        self.seen = torch.zeros((), dtype=torch.bool, device=device)
 
-    def record(self, loss: torch.Tensor) -> None:
-        self.seen |= ~torch.isfinite(loss.detach())
+class NonFiniteLossGuard(StepHealth):
+    """Stops on a NaN/inf loss and logs fp16 loss-scale drops (see ssl_runtime.resilience)."""
 
-    def check(self, iteration: int, loss: torch.Tensor) -> None:
-        if bool(self.seen):
-            # written to stderr directly: every rank reports it, even with print() silenced
-            sys.stderr.write(f"Loss is {loss.item()} (non-finite at or before iteration {iteration}), "
-                             "stopping training. Try --use_fp16 false, a lower --lr or a higher "
-                             "--clip_grad.\n")
-            sys.stderr.flush()
-            sys.exit(1)
+    def __init__(self, device: torch.device, scaler=None):
+        super().__init__(device, DINO_ADVICE, scaler)
 
 
 # ---------------------------------------------------------------- training
@@ -246,16 +242,20 @@ def set_schedule_values(optimizer: torch.optim.Optimizer, lr: float, wd: float) 
 
 def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch,
                     args, ctx: DistContext, throughput: ThroughputMeter, guard: NonFiniteLossGuard,
-                    steps_left: int | None) -> tuple[dict, int, bool]:
-    """One pass over the data (or fewer steps); returns (stats, steps done, epoch completed)."""
+                    steps_left: int | None, start_step: int = 0,
+                    checkpointer: StepCheckpointer | None = None) -> tuple[dict, int, bool]:
+    """One pass over the data (or fewer steps) from batch `start_step` on (a mid-epoch resume);
+    returns (stats, steps done, epoch completed)."""
     lr_schedule, wd_schedule, momentum_schedule = schedules
     params = (list(unwrap(student).parameters()), list(teacher.parameters()))
     metric_logger = MetricLogger(delimiter="  ", device=ctx.device)
     header = f"Epoch: [{epoch}/{args.epochs}]"
     steps, loss = 0, torch.zeros(())
-    total = len(data_loader) if steps_left is None else min(len(data_loader), steps_left)
+    total = len(data_loader) - start_step
+    total = total if steps_left is None else min(total, steps_left)
     batches = itertools.islice(data_loader, total)  # a --num_steps run may end mid-epoch
-    for it, (images, _) in enumerate(metric_logger.log_every(batches, PRINT_FREQ, header, total=total)):
+    for it, (images, _) in enumerate(metric_logger.log_every(batches, PRINT_FREQ, header, total=total),
+                                     start=start_step):
         global_it = len(data_loader) * epoch + it
         set_schedule_values(optimizer, lr_schedule[global_it], wd_schedule[global_it])
         images = [im.to(ctx.device, non_blocking=True) for im in images]
@@ -270,11 +270,13 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
         throughput.step()
         steps += 1
-    guard.check(len(data_loader) * epoch + steps - 1, loss)
+        if checkpointer is not None:
+            checkpointer.after_step(epoch, it + 1, len(data_loader))
+    guard.check(len(data_loader) * epoch + start_step + steps - 1, loss)
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger, flush=True)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
-    return stats, steps, steps == len(data_loader)
+    return stats, steps, start_step + steps == len(data_loader)
 
 
 def build_student_teacher(args, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
@@ -292,12 +294,22 @@ def build_student_teacher(args, ctx: DistContext) -> tuple[nn.Module, nn.Module]
     return student, teacher
 
 
-def restart_from_checkpoint(path: Path, student, teacher, optimizer, mp, dino_loss) -> int:
-    """Resume everything from <output_dir>/checkpoint.pth; returns the epoch to start from."""
-    if not path.is_file():
-        return 0
+def resume_candidates(output_dir: Path) -> list[Path]:
+    """checkpoint.pth, then the one it replaced, then the periodic checkpointNNNN.pth, newest first."""
+    periodic = sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
+    latest = output_dir / "checkpoint.pth"
+    return [latest, previous_path(latest), *periodic]
+
+
+def restart_from_checkpoint(output_dir: Path, student, teacher, optimizer, mp, dino_loss,
+                            device_type: str = "cpu") -> tuple[int, int]:
+    """Resume everything from the newest readable checkpoint in output_dir (checkpoint.pth
+    normally); returns (epoch, batches of that epoch already done)."""
+    found = load_first_readable(resume_candidates(output_dir))
+    if found is None:
+        return 0, 0
+    checkpoint, path = found
     print(f"Found checkpoint at {path}")
-    checkpoint = load_checkpoint(path)
     load_training_state(unwrap(student), checkpoint["student"], f"'student' in {path}")
     load_training_state(teacher, checkpoint["teacher"], f"'teacher' in {path}")
     try:
@@ -309,8 +321,11 @@ def restart_from_checkpoint(path: Path, student, teacher, optimizer, mp, dino_lo
     dino_loss.load_state_dict(checkpoint["dino_loss"])
     if checkpoint.get("fp16_scaler"):
         mp.scaler.load_state_dict(checkpoint["fp16_scaler"])
-    print(f"=> resumed student, teacher, optimizer, dino_loss from {path} at epoch {checkpoint['epoch']}")
-    return int(checkpoint["epoch"])
+    restore_rng_state(checkpoint.get("rng"), device_type)
+    step = int(checkpoint.get("epoch_step", 0))
+    where = f"epoch {checkpoint['epoch']}" + (f", step {step}" if step else "")
+    print(f"=> resumed student, teacher, optimizer, dino_loss from {path} at {where}")
+    return int(checkpoint["epoch"]), step
 
 
 def build_schedules(args, niter_per_ep: int, world_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -330,7 +345,10 @@ def build_optimizer_for(student: nn.Module, args, ctx: DistContext) -> torch.opt
 
 
 def save_checkpoint(args, epoch_to_resume: int, student, teacher, optimizer, mp, dino_loss,
-                    epoch: int, ctx: DistContext) -> None:
+                    epoch: int, ctx: DistContext, epoch_step: int = 0) -> None:
+    """checkpoint.pth (the one it replaces kept as checkpoint.previous.pth) and, every
+    --saveckp_freq epochs, checkpointNNNN.pth. epoch_step > 0: saved inside an epoch, after
+    that many of its batches (no checkpointNNNN.pth then)."""
     if not ctx.is_main:
         return
     # The student is saved without the DDP `module.` prefix, so a checkpoint from N processes
@@ -342,12 +360,14 @@ def save_checkpoint(args, epoch_to_resume: int, student, teacher, optimizer, mp,
         "epoch": epoch_to_resume,
         "args": args,
         "dino_loss": dino_loss.state_dict(),
+        "epoch_step": epoch_step,  # (ours) batches of `epoch` already done: a mid-epoch resume
+        "rng": rng_state(ctx.device_type),  # (ours) so a resumed run draws what it would have
     }
     if mp.scaler.is_enabled():
         save_dict["fp16_scaler"] = mp.scaler.state_dict()
     out = Path(args.output_dir)
-    save_atomic(save_dict, out / "checkpoint.pth")
-    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+    save_atomic(save_dict, out / "checkpoint.pth", keep_previous=True)
+    if not epoch_step and args.saveckp_freq and epoch % args.saveckp_freq == 0:
         save_atomic(save_dict, out / f"checkpoint{epoch:04}.pth")
 
 
@@ -365,7 +385,7 @@ def train_dino(args: argparse.Namespace) -> None:
                                      args.local_crops_number, args.img_size, args.local_crop_size)
     dataset = limit_images(SafeImageFolder(data_folder, transform=transform), args.max_train_images, args.seed)
     data_loader = build_loader(dataset, args.batch_size_per_gpu, args.num_workers, ctx,
-                               shuffle=True, drop_last=True)
+                               shuffle=True, drop_last=True, seed=args.seed)
     print(f"Data loaded: there are {len(dataset)} images.")
 
     # ============ student and teacher ============
@@ -382,14 +402,22 @@ def train_dino(args: argparse.Namespace) -> None:
     print(f"Loss, optimizer and schedulers ready ({mp.describe()}).")
 
     # ============ resume ============
-    start_epoch = restart_from_checkpoint(Path(args.output_dir) / "checkpoint.pth", student, teacher,
-                                          optimizer, mp, dino_loss)
+    start_epoch, start_step = restart_from_checkpoint(Path(args.output_dir), student, teacher,
+                                                      optimizer, mp, dino_loss, ctx.device_type)
+    skip_batches(data_loader, start_step)
 
-    remaining = (args.epochs - start_epoch) * niter
+    def save_at(epoch_to_resume: int, epoch_step: int) -> None:
+        guard.check(niter * epoch_to_resume + epoch_step - 1)  # never save a diverged state
+        save_checkpoint(args, epoch_to_resume, student, teacher, optimizer, mp, dino_loss,
+                        epoch_to_resume if epoch_step else epoch_to_resume - 1, ctx, epoch_step)
+
+    checkpointer = StepCheckpointer(save_at, args.saveckp_steps, StopSignal())
+
+    remaining = (args.epochs - start_epoch) * niter - start_step
     budget = remaining if args.num_steps is None else min(args.num_steps, remaining)
     throughput = ThroughputMeter(args.batch_size_per_gpu * ctx.world_size, total_steps=budget,
                                  device=ctx.device)
-    guard = NonFiniteLossGuard(ctx.device)
+    guard = NonFiniteLossGuard(ctx.device, mp.scaler)
     start_time = time.time()
     print("Starting DINO training !")
     steps_done = 0
@@ -399,14 +427,17 @@ def train_dino(args: argparse.Namespace) -> None:
         set_loader_epoch(data_loader, epoch)
         stats, steps, completed = train_one_epoch(
             student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch, args, ctx,
-            throughput, guard, None if args.num_steps is None else budget - steps_done)
+            throughput, guard, None if args.num_steps is None else budget - steps_done,
+            start_step if epoch == start_epoch else 0, checkpointer)
         steps_done += steps
-        # an epoch cut short by --num_steps is redone from its start on resume
+        # an epoch cut short by --num_steps resumes at the batch where it stopped
+        cut_at = 0 if completed else steps + (start_step if epoch == start_epoch else 0)
         save_checkpoint(args, epoch + 1 if completed else epoch, student, teacher, optimizer, mp,
-                        dino_loss, epoch, ctx)
+                        dino_loss, epoch, ctx, cut_at)
         if ctx.is_main:
             with (Path(args.output_dir) / "log.txt").open("a") as f:
                 f.write(json.dumps({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}) + "\n")
+    checkpointer.close()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
     if steps_done == 0:

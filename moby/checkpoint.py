@@ -16,6 +16,7 @@ from yacs.config import CfgNode
 from ssl_runtime.checkpoint import load_checkpoint as read_checkpoint
 from ssl_runtime.checkpoint import load_state_dict_checked, save_atomic
 from ssl_runtime.errors import UserError
+from ssl_runtime.resilience import rng_state
 
 from .backbones import convert_official_swin, is_official_swin_layout
 
@@ -24,8 +25,17 @@ ENCODER_PREFIXES = ("encoder.", "encoder_k.")
 
 
 def save_checkpoint(config: CfgNode, epoch: int, model: torch.nn.Module, max_accuracy: float,
-                    optimizer: torch.optim.Optimizer, lr_scheduler, scaler, logger: logging.Logger) -> Path:
-    """ckpt_epoch_{epoch}.pth and checkpoint.pth in the output folder."""
+                    optimizer: torch.optim.Optimizer, lr_scheduler, scaler, logger: logging.Logger,
+                    epoch_step: int = 0, device_type: str = "cpu") -> Path:
+    """ckpt_epoch_{epoch}.pth and checkpoint.pth in the output folder (the checkpoint.pth it
+    replaces is kept as checkpoint.previous.pth).
+
+    epoch_step > 0 saves inside `epoch` after that many of its iterations: checkpoint.pth only,
+    with `epoch` = the last finished epoch as always, so a resume starts at epoch + 1, batch
+    epoch_step.
+    """
+    if epoch_step:
+        epoch -= 1
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -34,22 +44,32 @@ def save_checkpoint(config: CfgNode, epoch: int, model: torch.nn.Module, max_acc
         "epoch": epoch,
         "config": config,
         "amp": scaler.state_dict(),
+        "epoch_step": epoch_step,  # (ours) iterations of the next epoch already done
+        "rng": rng_state(device_type),  # (ours) so that a resumed run draws what it would have
     }
-    path = Path(config.OUTPUT) / f"ckpt_epoch_{epoch}.pth"
+    latest = Path(config.OUTPUT) / LATEST
+    path = Path(config.OUTPUT) / f"ckpt_epoch_{epoch}.pth" if not epoch_step else latest
     logger.info(f"{path} saving......")
-    save_atomic(state, path)
-    save_atomic(state, Path(config.OUTPUT) / LATEST)
+    if not epoch_step:
+        save_atomic(state, path)
+    save_atomic(state, latest, keep_previous=True)
     logger.info(f"{path} saved !!!")
     return path
 
 
+def auto_resume_candidates(output_dir: str | Path) -> list[Path]:
+    """checkpoint.pth, then every other *.pth in the folder, newest first (upstream takes the
+    newest; the others are fallbacks should it be unreadable)."""
+    folder = Path(output_dir)
+    others = [p for p in folder.glob("*.pth") if p.is_file() and p.name != LATEST] if folder.is_dir() else []
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return ([folder / LATEST] if (folder / LATEST).is_file() else []) + others
+
+
 def auto_resume_path(output_dir: str | Path) -> Path | None:
     """checkpoint.pth if present, else the newest *.pth in the folder (as upstream)."""
-    folder = Path(output_dir)
-    if (folder / LATEST).is_file():
-        return folder / LATEST
-    candidates = [p for p in folder.glob("*.pth") if p.is_file()] if folder.is_dir() else []
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    candidates = auto_resume_candidates(output_dir)
+    return candidates[0] if candidates else None
 
 
 def _encoder_part(state: dict, prefix: str) -> dict:
@@ -73,11 +93,12 @@ def convert_official_moby(state: dict, model: torch.nn.Module) -> dict:
 
 
 def resume(config: CfgNode, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
-           scaler, logger: logging.Logger) -> float:
-    """Load MODEL.RESUME into model (and, unless EVAL_MODE, optimizer, scheduler, scaler and
-    TRAIN.START_EPOCH = epoch + 1). Returns the stored max accuracy."""
+           scaler, logger: logging.Logger, checkpoint: dict | None = None) -> float:
+    """Load MODEL.RESUME (or the already read `checkpoint`) into model (and, unless EVAL_MODE,
+    optimizer, scheduler, scaler and TRAIN.START_EPOCH = epoch + 1). Returns the stored max accuracy."""
     logger.info(f"==============> Resuming form {config.MODEL.RESUME}....................")
-    checkpoint = read_checkpoint(config.MODEL.RESUME)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(config.MODEL.RESUME)
     if "model" not in checkpoint:
         raise UserError(f"{config.MODEL.RESUME} has no 'model' entry: it is not a MoBY checkpoint")
     official = is_official_moby(checkpoint["model"])

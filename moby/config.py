@@ -102,6 +102,9 @@ _C.TRAIN.STEPS = 0
 _C.TRAIN.MAX_EPOCHS = 0
 # (ours) torch.compile the online and target encoders (CUDA, CPU; ignored on NPU).
 _C.TRAIN.COMPILE = False
+# (ours) also save checkpoint.pth every this many iterations inside an epoch, so an interrupted
+# run loses at most that many; 0 = only at epoch ends (upstream).
+_C.TRAIN.SAVE_STEPS = 0
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # 'cosine', 'linear' or 'step'
@@ -244,14 +247,68 @@ def update_config(config: CN, args: argparse.Namespace) -> CN:
     config.defrost()
     for attr, key in _CLI_OVERRIDES:
         value = getattr(args, attr, None)
-        if value:  # unset flags (None / False / 0) leave the config alone, as upstream
+        # unset flags (None / False) leave the config alone, as upstream; an explicit 0 or a
+        # negative number is kept so that check_config can reject e.g. --batch-size 0
+        if value is not None and value is not False and value != "":
             _set_key(config, key, value)
     local_rank = getattr(args, "local_rank", None)
     if local_rank is not None:
         config.LOCAL_RANK = max(int(local_rank), 0)
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    check_config(config)
     config.freeze()
     return config
+
+
+# (key, smallest allowed value, what to pass instead): checked before any data or model is built
+_LOWER_BOUNDS = (
+    ("TRAIN.EPOCHS", 1, "--epochs N or --opts TRAIN.EPOCHS N with N >= 1"),
+    ("DATA.BATCH_SIZE", 1, "--batch-size N with N >= 1"),
+    ("DATA.IMG_SIZE", 1, "--opts DATA.IMG_SIZE N"),
+    ("DATA.NUM_WORKERS", 0, "--opts DATA.NUM_WORKERS 0 (or more)"),
+    ("DATA.MAX_TRAIN_IMAGES", 0, "0 (all images) or a positive count"),
+    ("TRAIN.STEPS", 0, "--steps N with N >= 1 (0: no limit)"),
+    ("TRAIN.MAX_EPOCHS", 0, "--max_epochs N with N >= 1 (0: off)"),
+    ("TRAIN.WARMUP_EPOCHS", 0, "0 or more epochs"),
+    ("TRAIN.ACCUMULATION_STEPS", 0, "--accumulation-steps N with N >= 1"),
+    ("TRAIN.SAVE_STEPS", 0, "0 (only at epoch ends) or a positive number of iterations"),
+    ("TRAIN.BASE_LR", 0, "a positive learning rate"),
+    ("TRAIN.CLIP_GRAD", 0, "0 (no clipping) or a positive norm"),
+    ("SAVE_FREQ", 1, "--opts SAVE_FREQ N with N >= 1"),
+    ("PRINT_FREQ", 1, "--opts PRINT_FREQ N with N >= 1"),
+    ("MODEL.MOBY.CONTRAST_NUM_NEGATIVE", 1, "a positive queue size, a multiple of the global batch"),
+)
+
+
+def _get(config: CN, dotted: str):
+    node = config
+    for name in dotted.split("."):
+        node = node[name]
+    return node
+
+
+def check_config(config: CN) -> None:
+    """Reject values out of range with the key, the value and the fix, before any expensive work."""
+    for key, low, fix in _LOWER_BOUNDS:
+        value = _get(config, key)
+        if value is None or value < low:
+            raise UserError(f"{key} is {value}, must be >= {low}: use {fix}")
+    moby = config.MODEL.MOBY
+    if not moby.CONTRAST_TEMPERATURE > 0:
+        raise UserError(f"MODEL.MOBY.CONTRAST_TEMPERATURE is {moby.CONTRAST_TEMPERATURE}, must be > 0")
+    if not 0 <= moby.CONTRAST_MOMENTUM <= 1:
+        raise UserError(f"MODEL.MOBY.CONTRAST_MOMENTUM is {moby.CONTRAST_MOMENTUM}, must be in [0, 1]")
+    encoder = moby.ENCODER.lower()
+    if encoder == "swin":
+        patch_key = "MODEL.SWIN.PATCH_SIZE"
+    elif encoder.startswith(("deit", "vit")):
+        patch_key = "MODEL.DEIT.PATCH_SIZE"
+    else:
+        raise UserError(f"unknown MODEL.MOBY.ENCODER {moby.ENCODER!r}: use 'swin' or 'deit_small'")
+    patch = _get(config, patch_key)
+    if patch <= 0 or config.DATA.IMG_SIZE % patch:
+        raise UserError(f"{patch_key} {patch} does not divide DATA.IMG_SIZE {config.DATA.IMG_SIZE}: "
+                        "choose an image size that is a multiple of the patch size")
 
 
 def get_config(args: argparse.Namespace) -> CN:

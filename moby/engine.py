@@ -18,9 +18,12 @@ from yacs.config import CfgNode
 from ssl_runtime import device as devices
 from ssl_runtime.amp import MixedPrecision
 from ssl_runtime.distributed import DistContext
+from ssl_runtime.checkpoint import load_checkpoint as read_checkpoint
+from ssl_runtime.checkpoint import load_first_readable
 from ssl_runtime.meters import AverageMeter, SmoothedValue, ThroughputMeter
+from ssl_runtime.resilience import StepCheckpointer, StepHealth, restore_rng_state
 
-from .checkpoint import auto_resume_path, resume
+from .checkpoint import auto_resume_candidates, resume
 from .config import set_values
 
 THROUGHPUT_WARMUP_STEPS = 20  # the Ascend port also times only from the 20th iteration on
@@ -37,6 +40,11 @@ class TrainState:
     logger: logging.Logger
     throughput: ThroughputMeter
     iterations_left: int = 0
+    # (ours) reliability: batches of the first epoch already done (a mid-epoch resume), the
+    # NaN / loss-scale watch and the periodic / SIGTERM checkpoints; see ssl_runtime.resilience
+    resume_step: int = 0
+    health: StepHealth | None = None
+    checkpointer: StepCheckpointer | None = None
 
 
 def last_epoch(config: CfgNode) -> int:
@@ -46,9 +54,9 @@ def last_epoch(config: CfgNode) -> int:
     return config.TRAIN.EPOCHS
 
 
-def planned_iterations(config: CfgNode, steps_per_epoch: int) -> int:
+def planned_iterations(config: CfgNode, steps_per_epoch: int, resume_step: int = 0) -> int:
     """Iterations this run will do: the remaining epochs (up to MAX_EPOCHS), capped by STEPS."""
-    iterations = (last_epoch(config) - config.TRAIN.START_EPOCH) * steps_per_epoch
+    iterations = (last_epoch(config) - config.TRAIN.START_EPOCH) * steps_per_epoch - resume_step
     if config.TRAIN.STEPS > 0:
         iterations = min(iterations, config.TRAIN.STEPS)
     return max(iterations, 0)
@@ -56,7 +64,7 @@ def planned_iterations(config: CfgNode, steps_per_epoch: int) -> int:
 
 def prepare_budget(config: CfgNode, state: TrainState, steps_per_epoch: int) -> None:
     """Set the iteration budget and tell the throughput meter when the run ends."""
-    state.iterations_left = planned_iterations(config, steps_per_epoch)
+    state.iterations_left = planned_iterations(config, steps_per_epoch, state.resume_step)
     meter = state.throughput
     meter.total_steps = state.iterations_left // max(config.TRAIN.ACCUMULATION_STEPS, 1)
     meter.warmup_steps = max(min(THROUGHPUT_WARMUP_STEPS, meter.total_steps // 2), 1)
@@ -112,7 +120,8 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
     # device tensors, read (one host sync) only when a line is printed
     losses, norms = SmoothedValue(), SmoothedValue()
     start = end = time.time()
-    for idx, batch in enumerate(loader):
+    first, state.resume_step = state.resume_step, 0  # the loader already skips those batches
+    for idx, batch in enumerate(loader, start=first):
         if state.iterations_left <= 0:
             return True
         state.iterations_left -= 1
@@ -120,14 +129,22 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
         boundary = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
         loss, grad_norm = train_step(model, batch, state, compute_loss, params, config.TRAIN.CLIP_GRAD,
                                      accumulation, boundary)
+        if state.health is not None:
+            state.health.record(loss)
         if grad_norm is not None:
             norms.update(grad_norm)
             state.lr_scheduler.step_update(epoch * num_steps + idx)
+            if state.checkpointer is not None:
+                state.checkpointer.after_step(epoch, idx + 1, num_steps)
         losses.update(loss.float())
         batch_time.update(time.time() - end)
         end = time.time()
         if idx % config.PRINT_FREQ == 0:
+            if state.health is not None:
+                state.health.check(epoch * num_steps + idx)
             log_train_line(config, epoch, idx, num_steps, batch_time, state, losses, norms)
+    if state.health is not None:
+        state.health.check((epoch + 1) * num_steps - 1)
     state.logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
     return False
 
@@ -150,20 +167,34 @@ def log_train_line(config: CfgNode, epoch: int, idx: int, num_steps: int, batch_
 
 
 def maybe_resume(config: CfgNode, model: torch.nn.Module, state: TrainState) -> float:
-    """AUTO_RESUME from the output folder (it wins over --resume, as upstream), then resume."""
+    """AUTO_RESUME from the output folder (it wins over --resume, as upstream), then resume.
+
+    The newest readable checkpoint is used: an unreadable one is reported and skipped.
+    """
     logger = state.logger
+    checkpoint = None
     if config.TRAIN.AUTO_RESUME:
-        found = auto_resume_path(config.OUTPUT)
+        found = load_first_readable(auto_resume_candidates(config.OUTPUT), warn=logger.warning)
         if found:
+            checkpoint, path = found
             if config.MODEL.RESUME:
-                logger.warning(f"auto-resume changing resume file from {config.MODEL.RESUME} to {found}")
-            set_values(config, **{"MODEL.RESUME": str(found)})
-            logger.info(f"auto resuming from {found}")
+                logger.warning(f"auto-resume changing resume file from {config.MODEL.RESUME} to {path}")
+            set_values(config, **{"MODEL.RESUME": str(path)})
+            logger.info(f"auto resuming from {path}")
         else:
             logger.info(f"no checkpoint found in {config.OUTPUT}, ignoring auto resume")
     if not config.MODEL.RESUME:
         return 0.0
-    return resume(config, model, state.optimizer, state.lr_scheduler, state.mp.scaler, logger)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(config.MODEL.RESUME)
+    max_accuracy = resume(config, model, state.optimizer, state.lr_scheduler, state.mp.scaler, logger,
+                          checkpoint)
+    if not config.EVAL_MODE and "optimizer" in checkpoint:
+        state.resume_step = int(checkpoint.get("epoch_step", 0))
+        restore_rng_state(checkpoint.get("rng"), state.ctx.device_type)
+        if state.resume_step:
+            logger.info(f"resuming inside epoch {config.TRAIN.START_EPOCH} after {state.resume_step} iterations")
+    return max_accuracy
 
 
 @torch.no_grad()

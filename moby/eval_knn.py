@@ -25,7 +25,7 @@ from moby.backbones import build_encoder  # noqa: E402
 from moby.checkpoint import load_pretrained_encoder  # noqa: E402
 from moby.cli import base_parser, open_output, parse_config, start_run  # noqa: E402
 from moby.config import set_values  # noqa: E402
-from moby.data import BICUBIC, build_labelled_datasets, eval_transform  # noqa: E402
+from moby.data import BICUBIC, build_labelled_datasets, dataset_root, eval_transform  # noqa: E402
 from ssl_runtime.distributed import DistContext, shutdown  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
 from ssl_runtime.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, evaluate_knn, result_line  # noqa: E402
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", default=DEFAULT_TEMPERATURE, type=float,
                         help="temperature of the neighbours' votes")
     args, config = parse_config(parser, argv)
+    dataset_root(config, ("train", "val"))  # a wrong dataset fails before anything is loaded
     pretrained = args.pretrained or os.path.join(config.OUTPUT, "checkpoint.pth")
     if args.random_init:
         pretrained = None

@@ -35,6 +35,7 @@ from ssl_runtime.data import build_loader, set_loader_epoch  # noqa: E402
 from ssl_runtime.distributed import DistContext, convert_sync_batchnorm, shutdown, wrap_ddp  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
 from ssl_runtime.meters import ThroughputMeter  # noqa: E402
+from ssl_runtime.resilience import StepCheckpointer, StepHealth, StopSignal, skip_batches  # noqa: E402
 
 
 def moby_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
@@ -42,10 +43,28 @@ def moby_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
     return model(view_1, view_2)
 
 
+MOBY_ADVICE = "--amp-opt-level O0, a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD"
+
+
+def step_checkpointer(config: CfgNode, moby: torch.nn.Module, state: TrainState,
+                      steps_per_epoch: int) -> StepCheckpointer:
+    """checkpoint.pth every TRAIN.SAVE_STEPS iterations inside an epoch, and on SIGTERM."""
+
+    def save_at(epoch: int, epoch_step: int) -> None:
+        state.health.check(epoch * steps_per_epoch + epoch_step - 1)  # never save a diverged state
+        if state.ctx.is_main:
+            # an epoch-boundary save (epoch_step 0) names the epoch just finished
+            save_checkpoint(config, epoch if epoch_step else epoch - 1, moby, 0.0, state.optimizer,
+                            state.lr_scheduler, state.mp.scaler, state.logger, epoch_step,
+                            state.ctx.device_type)
+
+    return StepCheckpointer(save_at, config.TRAIN.SAVE_STEPS, StopSignal(), state.logger.info)
+
+
 def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     dataset = build_pretrain_dataset(config)
     loader = build_loader(dataset, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, ctx,
-                          shuffle=True, drop_last=True)
+                          shuffle=True, drop_last=True, seed=config.SEED)
     set_values(config, **{"DATA.TRAINING_IMAGES": len(dataset), "MODEL.NUM_CLASSES": len(dataset.classes)})
     steps_per_epoch = len(loader)
 
@@ -65,11 +84,13 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     global_batch = config.DATA.BATCH_SIZE * ctx.world_size * max(config.TRAIN.ACCUMULATION_STEPS, 1)
     throughput = ThroughputMeter(global_batch, warmup_steps=THROUGHPUT_WARMUP_STEPS, device=ctx.device)
     state = TrainState(optimizer, lr_scheduler, mp, ctx, logger, throughput)
+    state.health = StepHealth(ctx.device, MOBY_ADVICE, mp.scaler, logger.info)
     maybe_resume(config, moby, state)
     if config.MODEL.RESUME:
         # Upstream fixes the momentum position when the model is built, before the checkpoint is
         # read, so a resumed run restarts the momentum schedule from its start; we continue it.
-        moby.step = config.TRAIN.START_EPOCH * steps_per_epoch
+        moby.step = config.TRAIN.START_EPOCH * steps_per_epoch + state.resume_step
+    skip_batches(loader, state.resume_step)
 
     if config.THROUGHPUT_MODE:
         measure_throughput(loader, moby.encoder, ctx, logger)
@@ -81,6 +102,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
         return
 
     prepare_budget(config, state, steps_per_epoch)
+    state.checkpointer = step_checkpointer(config, moby, state, steps_per_epoch)
     logger.info("Start self-supervised pre-training")
     start_time = time.time()
     for epoch in range(config.TRAIN.START_EPOCH, last_epoch(config)):
@@ -92,10 +114,12 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
             # Ascend's --steps exits here without saving; we keep the weights for evaluation.
             logger.info(f"stopped after {config.TRAIN.STEPS} iterations (--steps) inside epoch {epoch}")
         if ctx.is_main and (stopped or epoch % config.SAVE_FREQ == 0 or epoch == last_epoch(config) - 1):
-            save_checkpoint(config, epoch, moby, 0.0, optimizer, lr_scheduler, mp.scaler, logger)
+            save_checkpoint(config, epoch, moby, 0.0, optimizer, lr_scheduler, mp.scaler, logger,
+                            device_type=ctx.device_type)
         if stopped:
             break
 
+    state.checkpointer.close()
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if throughput.timed_steps:
         logger.info(throughput.summary_line())

@@ -6,18 +6,25 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
 from .errors import UserError
 
 
-def save_atomic(obj, path: str | os.PathLike) -> None:
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where save_atomic(keep_previous=True) keeps the file it replaces: checkpoint.previous.pth."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def save_atomic(obj, path: str | os.PathLike, keep_previous: bool = False) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over `path`.
 
     A crash or a full disk never leaves a half-written file under the final name: the previous
-    checkpoint stays intact.
+    checkpoint stays intact. With keep_previous the replaced file is renamed to
+    previous_path(path) first, a fallback should the new one ever turn out unreadable.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +34,8 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if keep_previous and path.is_file():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
@@ -62,6 +71,27 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); delete it or "
                         "point at an earlier checkpoint") from None
+
+
+def load_first_readable(paths: Iterable[str | os.PathLike],
+                        warn: Callable[[str], None] = print) -> tuple[dict, Path] | None:
+    """The first of `paths` that exists and loads, warning about each unreadable one skipped.
+
+    None when none exists; a UserError when files exist but none of them can be read.
+    """
+    existing = [Path(p) for p in dict.fromkeys(str(p) for p in paths) if Path(p).is_file()]
+    for i, path in enumerate(existing):
+        try:
+            return load_checkpoint(path), path
+        except UserError as exc:
+            reason = str(exc).split("; delete it")[0]
+            if i + 1 < len(existing):
+                warn(f"warning: {reason}; falling back to {existing[i + 1]}")
+    if existing:
+        raise UserError(f"none of the checkpoints in {existing[0].parent} can be read "
+                        f"({', '.join(p.name for p in existing)}): move them away to start from "
+                        "scratch, or restore a good copy")
+    return None
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict:

@@ -18,6 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from . import device as devices
 from .distributed import DistContext
 from .errors import UserError
+from .resilience import PerSampleSeeded, ResumableSampler
 
 MAX_BAD_FRACTION = 0.01  # more unreadable images than this is a broken dataset, not bad luck
 MIN_SEEN_FOR_RATIO = 200  # judge the fraction only once enough images have been tried
@@ -93,7 +94,8 @@ class SafeImageFolder(ImageFolder):
         try:
             super().__init__(str(root), transform=transform, **kwargs)
         except FileNotFoundError as exc:
-            raise UserError(f"cannot read {root} as an ImageFolder dataset: {exc}") from None
+            raise UserError(f"{root} contains no images in class folders ({exc}): the layout must "
+                            f"be {root}/<class>/<image>") from None
         empty = sorted(set(self.classes) - {self.classes[t] for t in set(self.targets)})
         if empty:
             warnings.warn(f"{root}: class folder(s) without images: {', '.join(empty[:10])}")
@@ -135,8 +137,12 @@ class SafeImageFolder(ImageFolder):
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, ctx: DistContext,
                  shuffle: bool = True, drop_last: bool = True, collate_fn: Callable | None = None,
-                 prefetch_factor: int = 2) -> DataLoader:
-    """A DataLoader sharded across ranks, with pinned memory and persistent workers."""
+                 prefetch_factor: int = 2, seed: int | None = None) -> DataLoader:
+    """A DataLoader sharded across ranks, with pinned memory and persistent workers.
+
+    With a seed (training loaders) the sample order and every augmentation are a function of
+    (seed, epoch, sample) only, and a pass can start mid-epoch: see ssl_runtime.resilience.
+    """
     if batch_size <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")
     if num_workers < 0:
@@ -144,14 +150,20 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, ctx: DistC
     if drop_last and len(dataset) < batch_size * ctx.world_size:  # type: ignore[arg-type]
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "  # type: ignore[arg-type]
                         f"({batch_size} x {ctx.world_size} ranks): lower the batch size")
-    if ctx.distributed:
+    generator = None
+    if seed is not None:
+        sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, shuffle=shuffle, seed=seed)
+        dataset = PerSampleSeeded(dataset, seed)
+        # the loader draws its worker seed from this generator, not from the global one
+        generator = torch.Generator().manual_seed(seed)
+    elif ctx.distributed:
         sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle)
     else:
         sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
     extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=drop_last, collate_fn=collate_fn, **devices.loader_kwargs(ctx.device),
-                      **extra)
+                      drop_last=drop_last, collate_fn=collate_fn, generator=generator,
+                      **devices.loader_kwargs(ctx.device), **extra)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:

@@ -73,6 +73,20 @@ def launch_environment(local_rank_flag: int = -1) -> tuple[int, int, int]:
     return 0, 1, max(local_rank_flag, 0)
 
 
+def process_group_timeout() -> datetime.timedelta:
+    """How long a collective may wait for a silent rank before the job fails (default 30 min;
+    SSL_DIST_TIMEOUT_MIN, fractions allowed: 0.5 is 30 s)."""
+    text = os.environ.get(TIMEOUT_ENV, "30")
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise UserError(f"{TIMEOUT_ENV}={text!r} is not a positive number of minutes: e.g. "
+                        f"{TIMEOUT_ENV}=30 (or 0.5 for 30 seconds)")
+    return datetime.timedelta(minutes=minutes)
+
+
 def init_distributed(device_request: str | None = "auto", local_rank: int = -1,
                      dist_url: str = "env://") -> DistContext:
     """Pick the device, bind this rank to it and join the process group when world size > 1."""
@@ -85,9 +99,8 @@ def init_distributed(device_request: str | None = "auto", local_rank: int = -1,
         if dist_url == "env://" and "MASTER_ADDR" not in os.environ:
             raise UserError("world size > 1 but MASTER_ADDR is not set: launch with torchrun "
                             "(e.g. torchrun --nproc_per_node=8 ...) or set MASTER_ADDR/MASTER_PORT")
-        minutes = float(os.environ.get(TIMEOUT_ENV, "30"))
         dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size,
-                                rank=rank, timeout=datetime.timedelta(minutes=minutes))
+                                rank=rank, timeout=process_group_timeout())
         dist.barrier()
     devices.set_fast_math(kind)
     return DistContext(rank, world_size, local, device, kind, backend, distributed)
@@ -159,6 +172,23 @@ def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+_host_group = None
+
+
+def any_rank_true(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (a host-side gloo collective, so
+    it never waits for the accelerator); the flag itself at world size 1."""
+    global _host_group
+    if not is_dist():
+        return flag
+    if _host_group is None:
+        gloo = "gloo"
+        _host_group = dist.group.WORLD if dist.get_backend() == gloo else dist.new_group(backend=gloo)
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group)
+    return bool(value.item())
+
+
 def all_gather_object(obj) -> list:
     if not is_dist():
         return [obj]
@@ -190,5 +220,7 @@ def convert_sync_batchnorm(module: torch.nn.Module, ctx: DistContext) -> torch.n
 
 
 def shutdown() -> None:
+    global _host_group
     if is_dist():
         dist.destroy_process_group()
+    _host_group = None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import traceback
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
 EXIT_USER_ERROR = 2
+EXIT_CRASH = 1
 
 
 class UserError(Exception):
@@ -16,17 +19,50 @@ class UserError(Exception):
 
 
 def main_entry(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an entry point so that a UserError prints `error: <message>` and exits with code 2."""
+    """Wrap an entry point so that a UserError prints `error: <message>` and exits with code 2.
+
+    In a multi-process job the line names the rank (`error: [rank 1] ...`), any other exception
+    is reported the same way after its traceback, and the process exits at once: its peers then
+    see their collectives fail (instead of waiting for the process-group timeout) and stop too.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            print(f"error: {user_message(exc)}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            _report(f"error: {rank_tag()}{user_message(exc)}", EXIT_USER_ERROR)
+        except Exception as exc:  # noqa: BLE001 - only re-labelled in multi-process jobs
+            if not rank_tag():
+                raise
+            traceback.print_exc()
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            _report(f"error: {rank_tag()}stopped by {type(exc).__name__}: {first} (when another "
+                    "rank failed first, its own 'error: [rank N]' line gives the cause)", EXIT_CRASH)
 
     return wrapper
+
+
+def _report(line: str, code: int) -> None:
+    sys.stderr.write(line + "\n")  # not print(): non-main ranks may have it silenced
+    sys.stderr.flush()
+    if rank_tag():
+        sys.stdout.flush()
+        os._exit(code)  # no interpreter teardown that could wait on a dead peer
+    sys.exit(code)
+
+
+def rank_tag() -> str:
+    """'[rank N] ' inside a multi-process job, '' otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f"[rank {dist.get_rank()}] "
+    # the group may already be gone (destroyed in a `finally`): ask the launcher's environment
+    for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(rank, "").isdigit() and int(os.environ.get(size, "1") or 1) > 1:
+            return f"[rank {os.environ[rank]}] "
+    return ""
 
 
 def user_message(exc: BaseException) -> str:

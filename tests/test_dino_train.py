@@ -54,7 +54,8 @@ def test_training_writes_checkpoint_log_and_throughput(trained):
     assert re.search(r"Throughput: [\d.]+ images/s \([\d.]+ s/step over \d+ steps", first)
     assert (out / "checkpoint0000.pth").is_file()  # saveckp_freq 20 keeps epoch 0
     ckpt = load_checkpoint(out / "checkpoint.pth")
-    assert set(ckpt) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"}
+    # upstream's keys, plus ours for an exact (also mid-epoch) resume
+    assert set(ckpt) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "epoch_step", "rng"}
     assert ckpt["dino_loss"]["center"].abs().sum() > 0  # the centre moved
     assert "head.last_layer.weight_g" in ckpt["teacher"] and "head.last_layer.weight_v" in ckpt["student"]
 

@@ -70,7 +70,9 @@ def test_checkpoint_layout_round_trip_and_resume(tmp_path):
     out = Path(config.OUTPUT)
     assert (out / "ckpt_epoch_3.pth").is_file() and (out / "checkpoint.pth").is_file()
     saved = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert set(saved) == {"model", "optimizer", "lr_scheduler", "max_accuracy", "epoch", "config", "amp"}
+    # upstream's keys, plus ours for an exact (also mid-epoch) resume
+    assert set(saved) == {"model", "optimizer", "lr_scheduler", "max_accuracy", "epoch", "config", "amp",
+                          "epoch_step", "rng"}
     prefixes = {k.split(".")[0] for k in saved["model"]}
     assert prefixes == {"encoder", "encoder_k", "projector", "projector_k", "predictor",
                         "queue1", "queue2", "queue_ptr"}

@@ -1,0 +1,173 @@
+"""The shared reliability pieces: loss-scale watch, periodic/SIGTERM saves, checkpoint fallback,
+process-group timeout, and a 2-process job whose rank 1 fails (DINO and MoBY)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import free_port, make_imagefolder
+from ssl_runtime import distributed as dist_utils
+from ssl_runtime.checkpoint import load_first_readable, previous_path, save_atomic
+from ssl_runtime.errors import UserError
+from ssl_runtime.resilience import Interrupted, StepCheckpointer, StepHealth, StopSignal
+from tests.reliability_helpers import ROOT, env
+
+
+# ---------------------------------------------------------------- 5. fp16 overflow
+
+def test_fp16_overflow_is_absorbed_by_the_scaler_and_logged():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    lines: list[str] = []
+    health = StepHealth(torch.device("cpu"), "advice", scaler, lines.append)
+    health.check(0)  # remembers the starting scale
+    for overflow in (True, False):
+        factor = torch.tensor([float("inf") if overflow else 1.0, 1.0])
+        loss = (weight * factor).sum()
+        health.record(torch.tensor(1.0))  # the loss itself is finite, only its gradient overflows
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        if overflow:
+            assert torch.equal(weight.detach(), torch.ones(2))  # the step was skipped
+    health.check(2)
+    assert lines == ["gradient overflow: loss scale reduced from 1024 to 512 by iteration 2 "
+                     "(the overflowing steps were skipped)"]
+    assert not torch.equal(weight.detach(), torch.ones(2))  # training went on
+
+
+# ---------------------------------------------------------------- periodic and SIGTERM saves
+
+class FakeStop:
+    def __init__(self):
+        self.received = None
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+def test_step_checkpointer_saves_every_n_steps_and_on_a_stop_request():
+    saved: list[tuple[int, int]] = []
+    stop = FakeStop()
+    checkpointer = StepCheckpointer(lambda e, s: saved.append((e, s)), every_steps=2, stop=stop,
+                                    log=lambda _line: None)
+    for step in range(1, 7):  # 6 steps per epoch: the step-6 save is left to the epoch end
+        checkpointer.after_step(3, step, 6)
+    assert saved == [(3, 2), (3, 4)]
+    stop.received = 15
+    with pytest.raises(Interrupted) as info:
+        checkpointer.after_step(4, 6, 6)  # stopped after the last step: resume at the next epoch
+    assert info.value.code == 143 and saved[-1] == (5, 0)
+
+
+# ---------------------------------------------------------------- 2. rotation and fallback
+
+def test_rotation_keeps_the_previous_file_and_fallback_skips_broken_ones(tmp_path):
+    latest = tmp_path / "checkpoint.pth"
+    for epoch in (1, 2):
+        save_atomic({"epoch": epoch}, latest, keep_previous=True)
+    assert torch.load(previous_path(latest))["epoch"] == 1 and torch.load(latest)["epoch"] == 2
+    assert load_first_readable([latest, previous_path(latest)])[0]["epoch"] == 2
+    latest.write_bytes(b"\x00" * 10)
+    warnings: list[str] = []
+    state, path = load_first_readable([latest, tmp_path / "absent.pth", previous_path(latest)], warnings.append)
+    assert state["epoch"] == 1 and path == previous_path(latest)
+    assert warnings == [f"warning: checkpoint {latest} is truncated or corrupt (UnpicklingError: "
+                        f"{warnings[0].split('(UnpicklingError: ')[1].split(');')[0]}); "
+                        f"falling back to {previous_path(latest)}"]
+    assert load_first_readable([tmp_path / "absent.pth"]) is None
+    previous_path(latest).write_bytes(b"")
+    with pytest.raises(UserError, match="none of the checkpoints in .* can be read"):
+        load_first_readable([latest, previous_path(latest)])
+
+
+# ---------------------------------------------------------------- 6. distributed faults
+
+def test_process_group_timeout_from_the_environment(monkeypatch):
+    monkeypatch.setenv(dist_utils.TIMEOUT_ENV, "0.5")
+    assert dist_utils.process_group_timeout().total_seconds() == 30
+    monkeypatch.setenv(dist_utils.TIMEOUT_ENV, "soon")
+    with pytest.raises(UserError, match="SSL_DIST_TIMEOUT_MIN='soon' is not a positive number"):
+        dist_utils.process_group_timeout()
+
+
+FAILING_RANK = '''
+import os, sys
+sys.path.insert(0, {root!r})
+method, argv = sys.argv[1], sys.argv[2:]
+if method == "dino":
+    from dino import main_dino as entry
+    owner, name = entry.DINOLoss, "forward"
+else:
+    from moby import main_moby as entry
+    owner, name = entry, "moby_loss"
+original, calls = getattr(owner, name), []
+
+def failing(*args, **kwargs):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        raise RuntimeError("injected failure in the second step")
+    return original(*args, **kwargs)
+
+setattr(owner, name, failing)
+entry.main(argv)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dino", "moby"])
+def test_a_failing_rank_stops_the_whole_job_and_is_named(tmp_path, method):
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=16)
+    if method == "dino":
+        argv = ["--arch", "vit_pico", "--patch_size", "4", "--img_size", "32", "--local_crop_size", "16",
+                "--local_crops_number", "2", "--out_dim", "64", "--batch_size_per_gpu", "4",
+                "--warmup_epochs", "0", "--num_workers", "0", "--epochs", "1", "--device", "cpu",
+                "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
+    else:
+        argv = ["--cfg", str(ROOT / "configs" / "moby_swin_cpu.yaml"), "--data-path", str(data),
+                "--batch-size", "8", "--output", str(tmp_path / "out"), "--device", "cpu", "--epochs", "1",
+                "--opts", "MODEL.SWIN.EMBED_DIM", "12", "MODEL.SWIN.DEPTHS", "[1, 1]",
+                "MODEL.SWIN.NUM_HEADS", "[1, 2]", "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", "32",
+                "DATA.NUM_WORKERS", "0"]
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK.format(root=str(ROOT)))
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        rank_env = dict(env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port, SSL_DIST_TIMEOUT_MIN="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), method, *argv], env=rank_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    start = time.time()
+    results = [proc.communicate(timeout=180) for proc in procs]
+    elapsed = time.time() - start
+    codes = [proc.returncode for proc in procs]
+    errors = [err for _, err in results]
+    assert codes[1] == 1, errors[1][-3000:]
+    assert "error: [rank 1] stopped by RuntimeError: injected failure in the second step" in errors[1]
+    assert codes[0] != 0, errors[0][-3000:]  # the healthy rank does not carry on or hang
+    assert "error: [rank 0]" in errors[0] and "its own 'error: [rank N]' line gives the cause" in errors[0]
+    assert elapsed < 60  # well inside the 1-minute process-group timeout: it did not wait for it
+
+
+def test_sigterm_sets_a_flag_once_and_a_second_one_stops_at_once():
+    stop = StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested() and stop.received == signal.SIGTERM  # and the process lives on
+        handled = []
+        signal.signal(signal.SIGTERM, lambda signum, _frame: handled.append(signum))
+        stop._previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+        stop._handle(signal.SIGTERM, None)  # the second request goes to the previous handler
+        assert handled == [signal.SIGTERM]
+    finally:
+        stop.restore()
