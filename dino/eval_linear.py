@@ -33,6 +33,7 @@ from ssl_runtime.errors import UserError, main_entry  # noqa: E402
 from ssl_runtime.logs import silence_non_main  # noqa: E402
 from ssl_runtime.meters import MetricLogger, SmoothedValue  # noqa: E402
 from ssl_runtime.misc import bool_flag, fix_random_seeds  # noqa: E402
+from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 
@@ -56,6 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_labels", default=1000, type=int, help="number of classifier outputs")
     parser.add_argument("--evaluate", dest="evaluate", action="store_true",
                         help="only evaluate the linear head saved in --output_dir")
+    parser.add_argument("--tensorboard", default=True, type=bool_flag,
+                        help="write TensorBoard scalars to <output_dir>/tensorboard (rank 0, when installed)")
     add_launcher_args(parser)
     add_device_arg(parser)
     return parser
@@ -246,6 +249,7 @@ def eval_linear(args: argparse.Namespace) -> float:
                                 momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
     start_epoch, best_acc = restart(ckpt_path, classifier, optimizer, scheduler)
+    monitor = TrainingMonitor(output_dir / TENSORBOARD_DIR, ctx.is_main, enabled=args.tensorboard)
 
     for epoch in range(start_epoch, args.epochs):
         set_loader_epoch(train_loader, epoch)
@@ -259,12 +263,15 @@ def eval_linear(args: argparse.Namespace) -> float:
             best_acc = max(best_acc, test_stats["acc1"])
             print(f"Max accuracy so far: {best_acc:.2f}%")
             log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
+            monitor.scalars(epoch, "val", test_stats)
+        monitor.scalars(epoch, "train", train_stats)
         if ctx.is_main:
             with (output_dir / "log.txt").open("a") as f:
                 f.write(json.dumps(log_stats) + "\n")
             save_atomic({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "best_acc": best_acc}, ckpt_path)
+    monitor.close()
     print("Training of the supervised linear classifier on frozen features completed.\n"
           f"Top-1 test accuracy: {best_acc:.1f}")
     return best_acc

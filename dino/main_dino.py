@@ -40,6 +40,7 @@ from ssl_runtime.errors import UserError, main_entry  # noqa: E402
 from ssl_runtime.logs import silence_non_main  # noqa: E402
 from ssl_runtime.meters import MetricLogger, ThroughputMeter  # noqa: E402
 from ssl_runtime.misc import bool_flag, fix_random_seeds  # noqa: E402
+from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
 from ssl_runtime.optim import OPTIMIZERS, build_optimizer, param_groups_weight_decay  # noqa: E402
 from ssl_runtime.schedules import cosine_schedule  # noqa: E402
 
@@ -115,6 +116,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--saveckp_freq", default=20, type=int, help="save checkpointNNNN.pth every x epochs")
     parser.add_argument("--seed", default=0, type=int, help="random seed")
     parser.add_argument("--num_workers", default=10, type=int, help="data loading workers per process")
+    parser.add_argument("--tensorboard", default=True, type=bool_flag,
+                        help="write TensorBoard scalars to <output_dir>/tensorboard (rank 0, when the "
+                             "tensorboard package is installed)")
     add_launcher_args(parser)
     add_device_arg(parser)
     return parser
@@ -211,7 +215,8 @@ class NonFiniteLossGuard:
 
 def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch,
                     args, ctx: DistContext, throughput: ThroughputMeter, guard: NonFiniteLossGuard,
-                    steps_left: int | None) -> tuple[dict, int, bool]:
+                    steps_left: int | None,
+                    monitor: TrainingMonitor = TrainingMonitor.disabled()) -> tuple[dict, int, bool]:
     """One pass over the data (or fewer steps); returns (stats, steps done, epoch completed)."""
     lr_schedule, wd_schedule, momentum_schedule = schedules
     student_params = list(unwrap(student).parameters())
@@ -254,6 +259,9 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
         throughput.step()
         steps += 1
+        monitor.step(global_it, loss=loss.detach(), lr=optimizer.param_groups[0]["lr"],
+                     wd=optimizer.param_groups[0]["weight_decay"], momentum=momentum_schedule[global_it],
+                     teacher_temp=dino_loss.teacher_temp_schedule[epoch])
     guard.check(len(data_loader) * epoch + steps - 1, loss)
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger, flush=True)
@@ -371,6 +379,8 @@ def train_dino(args: argparse.Namespace) -> None:
     throughput = ThroughputMeter(args.batch_size_per_gpu * ctx.world_size, total_steps=budget,
                                  device=ctx.device)
     guard = NonFiniteLossGuard(ctx.device)
+    monitor = TrainingMonitor(Path(args.output_dir) / TENSORBOARD_DIR, ctx.is_main, every=PRINT_FREQ,
+                              images_per_step=args.batch_size_per_gpu * ctx.world_size, enabled=args.tensorboard)
     start_time = time.time()
     print("Starting DINO training !")
     steps_done = 0
@@ -380,7 +390,8 @@ def train_dino(args: argparse.Namespace) -> None:
         set_loader_epoch(data_loader, epoch)
         stats, steps, completed = train_one_epoch(
             student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch, args, ctx,
-            throughput, guard, None if args.num_steps is None else budget - steps_done)
+            throughput, guard, None if args.num_steps is None else budget - steps_done, monitor)
+        monitor.end_epoch(epoch)
         steps_done += steps
         # an epoch cut short by --num_steps is redone from its start on resume
         save_checkpoint(args, epoch + 1 if completed else epoch, student, teacher, optimizer, mp,
@@ -388,6 +399,7 @@ def train_dino(args: argparse.Namespace) -> None:
         if ctx.is_main:
             with (Path(args.output_dir) / "log.txt").open("a") as f:
                 f.write(json.dumps({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}) + "\n")
+    monitor.close()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
     if steps_done == 0:

@@ -8,7 +8,7 @@ import datetime
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -19,6 +19,7 @@ from ssl_runtime import device as devices
 from ssl_runtime.amp import MixedPrecision
 from ssl_runtime.distributed import DistContext
 from ssl_runtime.meters import AverageMeter, SmoothedValue, ThroughputMeter
+from ssl_runtime.monitor import TrainingMonitor
 
 from .checkpoint import auto_resume_path, resume
 from .config import set_values
@@ -37,6 +38,7 @@ class TrainState:
     logger: logging.Logger
     throughput: ThroughputMeter
     iterations_left: int = 0
+    monitor: TrainingMonitor = field(default_factory=TrainingMonitor.disabled)  # TensorBoard, epoch means
 
 
 def last_epoch(config: CfgNode) -> int:
@@ -109,6 +111,8 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
         if boundary:
             norms.update(optimizer_step(params, state, config.TRAIN.CLIP_GRAD))
             state.lr_scheduler.step_update(epoch * num_steps + idx)
+            group = state.optimizer.param_groups[0]
+            state.monitor.step(epoch * num_steps + idx, loss=loss.detach(), lr=group["lr"], wd=group["weight_decay"])
         losses.update(loss.detach().float())
         batch_time.update(time.time() - end)
         end = time.time()

@@ -29,6 +29,7 @@ from moby.data import BICUBIC, build_labelled_datasets, eval_transform  # noqa: 
 from ssl_runtime.distributed import DistContext, shutdown  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
 from ssl_runtime.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, evaluate_knn, result_line  # noqa: E402
+from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
 
 
 def knn_on_encoder(config: CfgNode, encoder: torch.nn.Module, ctx: DistContext, logger: logging.Logger,
@@ -75,7 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         logger = open_output(config, ctx)
         encoder = load_encoder(config, pretrained, args.checkpoint_key, logger).to(ctx.device)
-        knn_on_encoder(config, encoder, ctx, logger, ks=args.nb_knn, temperature=args.temperature)
+        results = knn_on_encoder(config, encoder, ctx, logger, ks=args.nb_knn, temperature=args.temperature)
+        monitor = TrainingMonitor(Path(config.OUTPUT) / TENSORBOARD_DIR, ctx.is_main,
+                                  enabled=config.TENSORBOARD, log=logger.info)
+        monitor.scalars(0, "knn", {f"top1_k{k}": top1 for k, (top1, _) in results.items()})
+        monitor.close()
     finally:
         shutdown()
 

@@ -32,6 +32,7 @@ from moby.data import build_labelled_datasets, linear_train_transform, sharded_e
 from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, last_epoch, maybe_resume,  # noqa: E402
                          measure_throughput, prepare_budget, train_one_epoch)
 from moby.model import build_linear_classifier  # noqa: E402
+from moby.monitoring import attach_monitor, log_epoch  # noqa: E402
 from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates  # noqa: E402
 from ssl_runtime import device as devices  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
@@ -153,6 +154,7 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
         return max_accuracy
 
     prepare_budget(config, state, steps_per_epoch)
+    attach_monitor(config, state, ctx, logger, config.DATA.BATCH_SIZE * ctx.world_size)
     logger.info("Start linear evaluation training")
     start_time = time.time()
     for epoch in range(config.TRAIN.START_EPOCH, last_epoch(config)):
@@ -161,10 +163,12 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
         if ctx.is_main and (epoch % config.SAVE_FREQ == 0 or epoch == last_epoch(config) - 1):
             save_checkpoint(config, epoch, classifier, max_accuracy, optimizer, lr_scheduler, mp.scaler,
                             logger)
-        acc1, _, _ = validate(config, val_loader, model, ctx, logger)
+        acc1, acc5, _ = validate(config, val_loader, model, ctx, logger)
         logger.info(f"Accuracy of the network on the {len(val_set)} test images: {acc1:.1f}%")
+        log_epoch(config, state, epoch, acc1=acc1, acc5=acc5)
         max_accuracy = max(max_accuracy, acc1)
         logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+    state.monitor.close()
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return max_accuracy
 
