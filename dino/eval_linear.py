@@ -23,8 +23,8 @@ from torch.utils.data import Subset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from dino.augment import eval_transform, normalize_transform  # noqa: E402
-from dino.checkpoints import add_pretrained_args, load_or_random  # noqa: E402
-from dino.models import build_backbone, canonical_arch, is_vit  # noqa: E402
+from dino.checkpoints import add_pretrained_args, build_eval_backbone, model_label  # noqa: E402
+from dino.models import backbone_is_vit, canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, save_atomic, strip_prefixes  # noqa: E402
 from ssl_runtime.data import SafeImageFolder, build_loader, resolve_data_path, set_loader_epoch  # noqa: E402
 from ssl_runtime.device import add_device_arg  # noqa: E402
@@ -219,16 +219,16 @@ def eval_linear(args: argparse.Namespace) -> float:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    backbone = build_backbone(args.arch, args.patch_size, args.img_size)
-    if is_vit(args.arch) and args.n_last_blocks > len(backbone.blocks):
+    backbone = build_eval_backbone(args)
+    vit = backbone_is_vit(backbone)
+    if vit and args.n_last_blocks > len(backbone.blocks):
         raise UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the {len(backbone.blocks)} "
                         f"blocks of {args.arch}: pass --n_last_blocks {len(backbone.blocks)} or fewer")
-    load_or_random(backbone, args.pretrained_weights, args.checkpoint_key, args.arch)
-    features = FrozenFeatures(backbone, is_vit(args.arch), args.n_last_blocks, args.avgpool_patchtokens)
+    features = FrozenFeatures(backbone, vit, args.n_last_blocks, args.avgpool_patchtokens)
     features = features.to(ctx.device).eval()
     for p in features.parameters():
         p.requires_grad = False
-    print(f"Model {args.arch} built.")
+    print(f"Model {model_label(args)} built.")
 
     train_loader, val_loader, n_val = build_data(args, ctx)
     classifier = LinearClassifier(features.dim, num_labels=args.num_labels).to(ctx.device)
