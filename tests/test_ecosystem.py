@@ -226,3 +226,152 @@ def test_timm_names_of_standard_and_custom_sizes():
     assert (tiny.name, tiny.kwargs) == ("swin_tiny_patch4_window7_224", {})
     base384 = swin_spec(128, [2, 2, 18, 2], [4, 8, 16, 32], 4, 12, 384)
     assert (base384.name, base384.kwargs) == ("swin_base_patch4_window12_384", {})
+
+
+# ---------------------------------------------------------------- plots and pictures
+
+def png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    assert path.is_file(), path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()  # a truncated file fails here
+        return image.size
+
+
+@pytest.fixture(scope="module")
+def fashion_mnist() -> Path:
+    from ssl_runtime.data import resolve_data_path
+    from ssl_runtime.errors import UserError
+
+    try:
+        return resolve_data_path(None, need=("train", "val"))
+    except UserError as exc:  # CI installs the Debian package; a bare machine may lack it
+        pytest.skip(f"default dataset unavailable: {exc}")
+
+
+def test_plot_dino_and_moby_logs(dino_run, moby_run, tmp_path):
+    from ssl_runtime import plot_log
+
+    run_quietly(plot_log.main, [str(dino_run / "log.txt"), "--png", str(tmp_path / "dino.png")])
+    assert png_size(tmp_path / "dino.png") == (800, 320)  # loss and lr panels, 400 x 320 each
+    # MoBY: the JSON log.txt, and the text log of a run without one (several series in one picture)
+    run_quietly(plot_log.main, [str(moby_run), str(moby_run / "log_rank0.txt"), "--png", str(tmp_path / "m.png")])
+    assert png_size(tmp_path / "m.png") == (800, 320)
+    steps = plot_log.read_log(moby_run / "log_rank0.txt")
+    assert len(steps) == 6 and steps[1]["epoch"] == pytest.approx(1 / 3)  # PRINT_FREQ 1: every step
+
+
+def test_plot_includes_accuracy_panel(tmp_path):
+    from ssl_runtime import plot_log
+
+    log = tmp_path / "linear" / "log.txt"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps({"train_loss": 2.0 - e, "train_lr": 0.1, "test_acc1": 50.0 + e,
+                                       "epoch": e}) + "\n" for e in range(3)))
+    written = plot_log.plot_main(plot_log.get_args_parser().parse_args([str(log.parent)]))
+    assert written == log.parent / "log.png" and png_size(written) == (1200, 320)
+    assert plot_log.panels_of(plot_log.read_log(log)) == {
+        "loss": ["train_loss"], "learning rate": ["train_lr"], "accuracy (%)": ["test_acc1"]}
+
+
+def test_plot_rejects_a_file_that_is_not_a_log(tmp_path, capsys):
+    from ssl_runtime import plot_log
+
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(SystemExit) as exit_info:
+        plot_log.main([str(tmp_path / "notes.txt")])
+    assert exit_info.value.code == 2 and "nothing to plot" in capsys.readouterr().err
+
+
+def test_dino_nearest_neighbour_grid_on_fashion_mnist(dino_run, fashion_mnist, tmp_path):
+    from dino import nearest_neighbors
+
+    png = tmp_path / "nn.png"
+    output = run_quietly(nearest_neighbors.main, DINO_ARCH + [
+        "--pretrained_weights", str(dino_run / "checkpoint.pth"), "--device", "cpu", "--num_workers", "0",
+        "--max_train_images", "200", "--num_queries", "3", "--k", "4", "--cell", "32", "--png", str(png)])
+    # 3 rows of query + 4 neighbours: slot 38, width 4 + 5 * 42 + 8, height 4 + 3 * (38 + 12 + 4)
+    assert png_size(png) == (222, 166)
+    assert "3 queries x 4 neighbours among 200 training images" in output
+
+
+def test_moby_nearest_neighbour_grid_on_fashion_mnist(moby_run, fashion_mnist, tmp_path):
+    from moby import nearest_neighbors
+
+    png = tmp_path / "nn.png"
+    run_quietly(nearest_neighbors.main, [
+        "--cfg", MOBY_CFG, "--pretrained", str(moby_run / "checkpoint.pth"), "--device", "cpu",
+        "--num_queries", "2", "--k", "3", "--png", str(png), "--batch-size", "64",
+        "--opts", *MOBY_TINY, "DATA.MAX_TRAIN_IMAGES", "100"])
+    assert png_size(png) == (4 + 4 * 74 + 8, 4 + 2 * 86)  # default 64-px cells
+
+
+def test_attention_grid_for_a_batch_of_fashion_mnist_images(dino_run, fashion_mnist, tmp_path):
+    from dino import visualize_attention
+
+    output = run_quietly(visualize_attention.main, DINO_ARCH + [
+        "--pretrained_weights", str(dino_run / "checkpoint.pth"), "--device", "cpu", "--num_images", "4",
+        "--image_size", "32", "--cell", "48", "--output_dir", str(tmp_path)])
+    # 4 rows of image, mean and 3 heads (vit_pico): slot 54, width 4 + 5 * 58, height 4 + 4 * 70
+    assert png_size(tmp_path / "attention_grid.png") == (294, 284)
+    assert "4 images x (image, mean, 3 heads) of 8x8 patches" in output
+
+
+def test_attention_grid_from_a_folder(dino_run, data, tmp_path):
+    from dino import visualize_attention
+
+    run_quietly(visualize_attention.main, DINO_ARCH + [
+        "--pretrained_weights", str(dino_run / "checkpoint.pth"), "--device", "cpu",
+        "--image_path", str(data / "val" / "class_0"), "--image_size", "16", "--cell", "16",
+        "--output_dir", str(tmp_path)])
+    assert png_size(tmp_path / "attention_grid.png") == (4 + 5 * 26, 4 + 8 * 38)  # 8 images
+
+
+# ---------------------------------------------------------------- timm baselines
+
+def test_dino_knn_of_a_random_timm_model(data, capsys):
+    from dino import eval_knn
+
+    results = eval_knn.eval_knn(eval_knn.get_args_parser().parse_args([
+        "--pretrained_weights", "timm:vit_tiny_patch16_224", "--img_size", "32", "--data_path", str(data),
+        "--device", "cpu", "--num_workers", "0", "--nb_knn", "1", "5", "--batch_size_per_gpu", "8"]))
+    out = capsys.readouterr().out
+    assert "randomly initialised vit_tiny_patch16_224" in out
+    assert "1-NN classifier result: Top1:" in out and set(results) == {1, 5}
+    assert all(0.0 <= top1 <= 100.0 for top1, _ in results.values())
+
+
+def test_dino_linear_of_a_random_timm_model(data, tmp_path, capsys):
+    from dino import eval_linear
+
+    eval_linear.main(["--pretrained_weights", "timm:vit_tiny_patch16_224", "--img_size", "32",
+                      "--n_last_blocks", "2", "--data_path", str(data), "--device", "cpu", "--num_workers", "0",
+                      "--epochs", "1", "--num_labels", "3", "--batch_size_per_gpu", "8",
+                      "--output_dir", str(tmp_path)])
+    assert "Top-1 test accuracy:" in capsys.readouterr().out
+    assert "test_acc1" in json.loads((tmp_path / "log.txt").read_text().splitlines()[0])
+    assert "val/acc1" in scalar_tags(tmp_path / "tensorboard")
+
+
+def test_moby_knn_and_linear_of_random_timm_models(data, tmp_path, capsys):
+    from moby import eval_knn, main_linear
+
+    common = ["--data-path", str(data), "--output", str(tmp_path), "--device", "cpu", "--batch-size", "8",
+              "--opts", "DATA.NUM_WORKERS", "0"]
+    eval_knn.main(["--cfg", MOBY_CFG, "--tag", "k", "--pretrained", "timm:resnet18", "--nb_knn", "3"] + common)
+    assert "3-NN classifier result: Top1:" in capsys.readouterr().out
+    main_linear.main(["--cfg", str(ROOT / "configs" / "moby_swin_cpu_linear.yaml"), "--tag", "l",
+                      "--pretrained", "timm:resnet18"] + common)
+    out = capsys.readouterr().out
+    assert "randomly initialised resnet18" in out and "Max accuracy:" in out
+
+
+def test_unknown_timm_model_is_a_user_error(data, capsys):
+    from dino import eval_knn
+
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(["--pretrained_weights", "timm:vit_nonexistent_patch99", "--data_path", str(data),
+                       "--device", "cpu", "--num_workers", "0"])
+    assert exit_info.value.code == 2 and "timm has no model 'vit_nonexistent_patch99'" in capsys.readouterr().err
