@@ -38,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", default=None, help="default: from the checkpoint, else vit_small")
     parser.add_argument("--patch_size", default=None, type=int, help="default: from the checkpoint, else 16")
     parser.add_argument("--img_size", default=None, type=int,
-                        help="image size of the exported position embedding (default: from the checkpoint, else 224)")
+                        help="image size of the exported position embedding "
+                             "(default: from the checkpoint, else 224)")
     add_export_args(parser)
     return parser
 

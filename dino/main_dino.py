@@ -380,7 +380,8 @@ def train_dino(args: argparse.Namespace) -> None:
                                  device=ctx.device)
     guard = NonFiniteLossGuard(ctx.device)
     monitor = TrainingMonitor(Path(args.output_dir) / TENSORBOARD_DIR, ctx.is_main, every=PRINT_FREQ,
-                              images_per_step=args.batch_size_per_gpu * ctx.world_size, enabled=args.tensorboard)
+                              images_per_step=args.batch_size_per_gpu * ctx.world_size,
+                              enabled=args.tensorboard)
     start_time = time.time()
     print("Starting DINO training !")
     steps_done = 0

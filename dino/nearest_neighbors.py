@@ -36,7 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="dataset root with train/ and val/ (default: the bundled Fashion-MNIST)")
     parser.add_argument("--max_train_images", default=0, type=int,
                         help="search a fixed random subset of this many training images (0: all)")
-    parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="batch size of feature extraction")
+    parser.add_argument("--batch_size_per_gpu", default=128, type=int,
+                        help="batch size of feature extraction")
     parser.add_argument("--num_workers", default=4, type=int, help="data loading workers")
     add_neighbour_args(parser)
     add_device_arg(parser)
@@ -55,7 +56,8 @@ def main_nn(args: argparse.Namespace):
     train_set = limit_images(SafeImageFolder(root / "train", transform=transform), args.max_train_images)
     val_set = SafeImageFolder(root / "val", transform=transform)
     model = build_eval_backbone(args)
-    return write_neighbour_grid(model, train_set, val_set, ctx, args, args.batch_size_per_gpu, args.num_workers)
+    return write_neighbour_grid(model, train_set, val_set, ctx, args, args.batch_size_per_gpu,
+                                args.num_workers)
 
 
 @main_entry

@@ -33,7 +33,9 @@ def attach_monitor(config: CfgNode, state: TrainState, ctx: DistContext, logger:
 
 def momentum_source(moby: MoBY):
     """The EMA momentum of the step just taken (the model's counter has already moved on)."""
-    return lambda: {"momentum": cosine_momentum(moby.contrast_momentum, max(moby.step - 1, 0), moby.total_steps)}
+    def used_momentum() -> dict[str, float]:
+        return {"momentum": cosine_momentum(moby.contrast_momentum, max(moby.step - 1, 0), moby.total_steps)}
+    return used_momentum
 
 
 def log_epoch(config: CfgNode, state: TrainState, epoch: int, **evaluation: float) -> dict:

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
                            args.checkpoint_key, logger)
     transform = eval_transform(config, interpolation=BICUBIC)
     train_set, val_set = build_labelled_datasets(config, transform, transform)
-    write_neighbour_grid(encoder, train_set, val_set, ctx, args, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS)
+    write_neighbour_grid(encoder, train_set, val_set, ctx, args, config.DATA.BATCH_SIZE,
+                         config.DATA.NUM_WORKERS)
 
 
 if __name__ == "__main__":

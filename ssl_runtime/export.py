@@ -63,7 +63,8 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({exc}): free disk space or choose another --output") from exc
+        raise UserError(f"could not write {path} ({exc}): free disk space or choose another "
+                        "--output") from exc
 
 
 @torch.no_grad()

@@ -51,9 +51,9 @@ def draw_grid(cells: Sequence[Sequence[Image.Image]], cell: int,
             color = borders[r][c] if borders is not None else None
             if color is not None:
                 draw.rectangle([x, y, x + slot - 1, y + slot - 1], fill=color)
-            canvas.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST
-                                                     if min(image.size) < cell else Image.Resampling.BILINEAR),
-                         (x + BORDER, y + BORDER))
+            # small maps and images are enlarged without blurring their pixels
+            resample = Image.Resampling.NEAREST if min(image.size) < cell else Image.Resampling.BILINEAR
+            canvas.paste(image.convert("RGB").resize((cell, cell), resample), (x + BORDER, y + BORDER))
             if captions is not None and captions[r][c]:
                 draw.text((x, y + slot), captions[r][c][:max(slot // 6, 1)], fill=(0, 0, 0))
     return canvas
@@ -104,7 +104,8 @@ def neighbour_grid(train_set: Dataset, query_set: Dataset, queries: list[int], n
     for q, row in zip(queries, neighbours.tolist()):
         label = query_targets[q]
         cells.append([raw_image(query_set, q)] + [raw_image(train_set, i) for i in row])
-        borders.append([QUERY_COLOR] + [SAME_COLOR if train_targets[i] == label else OTHER_COLOR for i in row])
+        borders.append([QUERY_COLOR] + [SAME_COLOR if train_targets[i] == label else OTHER_COLOR
+                                        for i in row])
         captions.append([name(label)] + [name(train_targets[i]) for i in row])
     return draw_grid(cells, cell, borders, captions, first_gap=QUERY_GAP)
 
@@ -120,7 +121,8 @@ def _targets(dataset: Dataset) -> list[int]:
 
 def add_neighbour_args(parser, default_png: str = "nearest_neighbors.png") -> None:
     parser.add_argument("--png", default=default_png, help="picture to write")
-    parser.add_argument("--num_queries", default=8, type=int, help="query images (rows), a fixed random choice")
+    parser.add_argument("--num_queries", default=8, type=int,
+                        help="query images (rows), a fixed random choice")
     parser.add_argument("--k", default=8, type=int, help="neighbours shown per query")
     parser.add_argument("--cell", default=64, type=int, help="side of each image in the picture, in pixels")
     parser.add_argument("--seed", default=0, type=int, help="seed of the query choice")
@@ -148,5 +150,6 @@ def write_neighbour_grid(model: torch.nn.Module, train_set: Dataset, query_set: 
         same = sum(train_targets[i] == query_targets[q] for q, row in zip(queries, neighbours.tolist())
                    for i in row)
         print(f"{args.png} saved: {len(queries)} queries x {args.k} neighbours among {len(train_set)} "
-              f"training images; {100.0 * same / neighbours.numel():.1f}% share the query's label", flush=True)
+              f"training images; {100.0 * same / neighbours.numel():.1f}% share the query's label",
+              flush=True)
     return picture

@@ -22,7 +22,8 @@ PANEL_INCHES = (4.0, 3.2)
 DPI = 100
 
 # MoBY: "Train: [e/E][i/N]\teta ... lr 0.000100\ttime ...\tloss 8.1234 (8.2345)\t..."
-MOBY_TRAIN = re.compile(r"Train: \[(\d+)/\d+\]\[(\d+)/(\d+)\].*?\blr ([\d.eE+-]+).*?\bloss ([\d.eE+-]+|nan|inf)")
+MOBY_TRAIN = re.compile(r"Train: \[(\d+)/\d+\]\[(\d+)/(\d+)\].*?\blr ([\d.eE+-]+)"
+                        r".*?\bloss ([\d.eE+-]+|nan|inf)")
 MOBY_ACC = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)")
 MOBY_EPOCH_END = re.compile(r"EPOCH (\d+) training takes")
 
@@ -58,13 +59,15 @@ def _read_moby_text(lines: list[str]) -> list[dict]:
         elif (match := MOBY_EPOCH_END.search(line)):
             last_epoch = int(match[1])
         elif (match := MOBY_ACC.search(line)):
-            records.append({"epoch": last_epoch + 1, "test_acc1": float(match[1]), "test_acc5": float(match[2])})
+            records.append({"epoch": last_epoch + 1, "test_acc1": float(match[1]),
+                            "test_acc5": float(match[2])})
     return records
 
 
 def panels_of(records: list[dict]) -> dict[str, list[str]]:
     """Which fields go in which panel: loss, lr, accuracy (only panels with data)."""
-    fields = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != "epoch"})
+    fields = sorted({k for r in records for k, v in r.items()
+                     if isinstance(v, (int, float)) and k != "epoch"})
     groups = {
         "loss": [f for f in fields if f.endswith("loss")],
         "learning rate": [f for f in fields if f.endswith("_lr") or f == "lr"],
@@ -111,8 +114,10 @@ def plot_logs(logs: dict[str, list[dict]], png: str | Path, title: str | None = 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Plot training logs (loss, lr, accuracy over epochs) to a PNG")
-    parser.add_argument("logs", nargs="+", help="log.txt files (or run folders holding one), or log_rank0.txt")
-    parser.add_argument("--png", default=None, help="picture to write (default: log.png beside the first log)")
+    parser.add_argument("logs", nargs="+",
+                        help="log.txt files (or run folders holding one), or log_rank0.txt")
+    parser.add_argument("--png", default=None,
+                        help="picture to write (default: log.png beside the first log)")
     parser.add_argument("--title", default=None, help="title above the panels")
     return parser
 

@@ -141,7 +141,8 @@ def swin_spec(embed_dim: int, depths, num_heads, patch_size: int, window_size: i
                  {"patch_size": patch_size, "window_size": window_size, "img_size": img_size},
                  {"patch_size": 4, "window_size": 7, "img_size": 224},
                  "patch{patch_size}_window{window_size}_{img_size}",
-                 {"embed_dim": embed_dim, "depths": tuple(depths), "num_heads": tuple(num_heads)}, extra, None)
+                 {"embed_dim": embed_dim, "depths": tuple(depths), "num_heads": tuple(num_heads)},
+                 extra, None)
 
 
 # ---------------------------------------------------------------- random timm baselines
@@ -180,8 +181,9 @@ def create_timm_baseline(name: str, img_size: int | None = None, num_classes: in
         kwargs.pop("img_size", None)
         kwargs.pop("dynamic_img_size", None)
         model = timm.create_model(name, pretrained=False, **kwargs)
-    print(f"timm baseline: randomly initialised {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          "parameters), no pretrained weights", flush=True)
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"timm baseline: randomly initialised {name} ({millions:.1f}M parameters), no pretrained weights",
+          flush=True)
     return model
 
 
