@@ -21,6 +21,7 @@ from torch import nn
 
 from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, strip_prefixes
 from ssl_runtime.errors import UserError
+from ssl_runtime.timm_interop import create_timm_baseline, timm_model_name
 
 WRAPPER_PREFIXES = ("module.", "backbone.")
 HEAD_PREFIX = "head."
@@ -95,7 +96,8 @@ def add_pretrained_args(parser, patch_size: int = 16) -> None:
     parser.add_argument("--arch", default="vit_small", type=str, help="architecture of the backbone")
     parser.add_argument("--patch_size", default=patch_size, type=int, help="patch resolution of the model")
     parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="checkpoint to evaluate (empty: random initialisation)")
+                        help="checkpoint to evaluate (ours or official; empty: random initialisation "
+                             "of --arch; timm:<model name>: a randomly initialised timm model, a baseline)")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help='key to use in a training checkpoint (e.g. "teacher" or "student")')
     parser.add_argument("--img_size", default=224, type=int,
@@ -110,3 +112,23 @@ def load_or_random(model: nn.Module, path: str, checkpoint_key: str | None, arch
     # upstream downloads the reference weights here; without network access we cannot
     print(f"warning: no --pretrained_weights given: evaluating a randomly initialised {arch} "
           "(pass --pretrained_weights <checkpoint.pth> to evaluate trained weights)", flush=True)
+
+
+def build_eval_backbone(args) -> nn.Module:
+    """The backbone an evaluation runs on: --arch loaded from --pretrained_weights (or random), or,
+    for `--pretrained_weights timm:<name>`, a randomly initialised timm model at --img_size."""
+    from .models import build_backbone
+
+    name = timm_model_name(args.pretrained_weights)
+    if name is not None:
+        return create_timm_baseline(name, args.img_size)
+    model = build_backbone(args.arch, args.patch_size, args.img_size)
+    load_or_random(model, args.pretrained_weights, args.checkpoint_key, args.arch)
+    return model
+
+
+def model_label(args) -> str:
+    """What is evaluated, for log lines: 'vit_small 16x16' or 'timm:<name> (random init)'."""
+    if timm_model_name(args.pretrained_weights):
+        return f"{args.pretrained_weights} (random init)"
+    return f"{args.arch} {args.patch_size}x{args.patch_size}"

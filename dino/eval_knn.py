@@ -18,8 +18,8 @@ import os  # noqa: E402
 import torch  # noqa: E402
 
 from dino.augment import eval_transform  # noqa: E402
-from dino.checkpoints import add_pretrained_args, load_or_random  # noqa: E402
-from dino.models import build_backbone, canonical_arch, is_vit  # noqa: E402
+from dino.checkpoints import add_pretrained_args, build_eval_backbone, model_label  # noqa: E402
+from dino.models import canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.checkpoint import load_checkpoint  # noqa: E402
 from ssl_runtime.data import SafeImageFolder, build_loader, resolve_data_path  # noqa: E402
 from ssl_runtime.device import add_device_arg  # noqa: E402
@@ -73,9 +73,8 @@ def extract_feature_pipeline(args: argparse.Namespace, ctx: DistContext):
                             shuffle=False, drop_last=False) for ds in (dataset_train, dataset_val)]
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
 
-    model = build_backbone(args.arch, args.patch_size, args.img_size)
-    print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
-    load_or_random(model, args.pretrained_weights, args.checkpoint_key, args.arch)
+    model = build_eval_backbone(args)
+    print(f"Model {model_label(args)} built.")
     model = model.to(ctx.device).eval()
 
     print("Extracting features for train set...")

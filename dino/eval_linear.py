@@ -23,8 +23,8 @@ from torch.utils.data import Subset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from dino.augment import eval_transform, normalize_transform  # noqa: E402
-from dino.checkpoints import add_pretrained_args, load_or_random  # noqa: E402
-from dino.models import build_backbone, canonical_arch, is_vit  # noqa: E402
+from dino.checkpoints import add_pretrained_args, build_eval_backbone, model_label  # noqa: E402
+from dino.models import backbone_is_vit, canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, save_atomic, strip_prefixes  # noqa: E402
 from ssl_runtime.data import SafeImageFolder, build_loader, resolve_data_path, set_loader_epoch  # noqa: E402
 from ssl_runtime.device import add_device_arg  # noqa: E402
@@ -33,6 +33,7 @@ from ssl_runtime.errors import UserError, main_entry  # noqa: E402
 from ssl_runtime.logs import silence_non_main  # noqa: E402
 from ssl_runtime.meters import MetricLogger, SmoothedValue  # noqa: E402
 from ssl_runtime.misc import bool_flag, fix_random_seeds  # noqa: E402
+from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 
@@ -56,6 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_labels", default=1000, type=int, help="number of classifier outputs")
     parser.add_argument("--evaluate", dest="evaluate", action="store_true",
                         help="only evaluate the linear head saved in --output_dir")
+    parser.add_argument("--tensorboard", default=True, type=bool_flag,
+                        help="write TensorBoard scalars to <output_dir>/tensorboard (rank 0, when installed)")
     add_launcher_args(parser)
     add_device_arg(parser)
     return parser
@@ -216,16 +219,16 @@ def eval_linear(args: argparse.Namespace) -> float:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    backbone = build_backbone(args.arch, args.patch_size, args.img_size)
-    if is_vit(args.arch) and args.n_last_blocks > len(backbone.blocks):
+    backbone = build_eval_backbone(args)
+    vit = backbone_is_vit(backbone)
+    if vit and args.n_last_blocks > len(backbone.blocks):
         raise UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the {len(backbone.blocks)} "
                         f"blocks of {args.arch}: pass --n_last_blocks {len(backbone.blocks)} or fewer")
-    load_or_random(backbone, args.pretrained_weights, args.checkpoint_key, args.arch)
-    features = FrozenFeatures(backbone, is_vit(args.arch), args.n_last_blocks, args.avgpool_patchtokens)
+    features = FrozenFeatures(backbone, vit, args.n_last_blocks, args.avgpool_patchtokens)
     features = features.to(ctx.device).eval()
     for p in features.parameters():
         p.requires_grad = False
-    print(f"Model {args.arch} built.")
+    print(f"Model {model_label(args)} built.")
 
     train_loader, val_loader, n_val = build_data(args, ctx)
     classifier = LinearClassifier(features.dim, num_labels=args.num_labels).to(ctx.device)
@@ -246,6 +249,7 @@ def eval_linear(args: argparse.Namespace) -> float:
                                 momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
     start_epoch, best_acc = restart(ckpt_path, classifier, optimizer, scheduler)
+    monitor = TrainingMonitor(output_dir / TENSORBOARD_DIR, ctx.is_main, enabled=args.tensorboard)
 
     for epoch in range(start_epoch, args.epochs):
         set_loader_epoch(train_loader, epoch)
@@ -259,12 +263,15 @@ def eval_linear(args: argparse.Namespace) -> float:
             best_acc = max(best_acc, test_stats["acc1"])
             print(f"Max accuracy so far: {best_acc:.2f}%")
             log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
+            monitor.scalars(epoch, "val", test_stats)
+        monitor.scalars(epoch, "train", train_stats)
         if ctx.is_main:
             with (output_dir / "log.txt").open("a") as f:
                 f.write(json.dumps(log_stats) + "\n")
             save_atomic({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "best_acc": best_acc}, ckpt_path)
+    monitor.close()
     print("Training of the supervised linear classifier on frozen features completed.\n"
           f"Top-1 test accuracy: {best_acc:.1f}")
     return best_acc

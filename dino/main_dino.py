@@ -42,6 +42,7 @@ from ssl_runtime.meters import MetricLogger, ThroughputMeter  # noqa: E402
 from ssl_runtime.misc import bool_flag, fix_random_seeds  # noqa: E402
 from ssl_runtime.resilience import (StepCheckpointer, StepHealth, StopSignal, restore_rng_state,  # noqa: E402
                                     rng_state, skip_batches)
+from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
 from ssl_runtime.optim import OPTIMIZERS, build_optimizer, param_groups_weight_decay  # noqa: E402
 from ssl_runtime.schedules import cosine_schedule  # noqa: E402
 
@@ -122,6 +123,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", default=False, type=bool_flag,
                         help="torch.compile the student and teacher backbones (CUDA, CPU; not NPU)")
     parser.add_argument("--num_workers", default=10, type=int, help="data loading workers per process")
+    parser.add_argument("--tensorboard", default=True, type=bool_flag,
+                        help="write TensorBoard scalars to <output_dir>/tensorboard (rank 0, when the "
+                             "tensorboard package is installed)")
     add_launcher_args(parser)
     add_device_arg(parser)
     return parser
@@ -243,7 +247,8 @@ def set_schedule_values(optimizer: torch.optim.Optimizer, lr: float, wd: float) 
 def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch,
                     args, ctx: DistContext, throughput: ThroughputMeter, guard: NonFiniteLossGuard,
                     steps_left: int | None, start_step: int = 0,
-                    checkpointer: StepCheckpointer | None = None) -> tuple[dict, int, bool]:
+                    checkpointer: StepCheckpointer | None = None,
+                    monitor: TrainingMonitor = TrainingMonitor.disabled()) -> tuple[dict, int, bool]:
     """One pass over the data (or fewer steps) from batch `start_step` on (a mid-epoch resume);
     returns (stats, steps done, epoch completed)."""
     lr_schedule, wd_schedule, momentum_schedule = schedules
@@ -270,6 +275,9 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
         throughput.step()
         steps += 1
+        monitor.step(global_it, loss=loss.detach(), lr=optimizer.param_groups[0]["lr"],
+                     wd=optimizer.param_groups[0]["weight_decay"], momentum=momentum_schedule[global_it],
+                     teacher_temp=dino_loss.teacher_temp_schedule[epoch])
         if checkpointer is not None:
             checkpointer.after_step(epoch, it + 1, len(data_loader))
     guard.check(len(data_loader) * epoch + start_step + steps - 1, loss)
@@ -418,6 +426,9 @@ def train_dino(args: argparse.Namespace) -> None:
     throughput = ThroughputMeter(args.batch_size_per_gpu * ctx.world_size, total_steps=budget,
                                  device=ctx.device)
     guard = NonFiniteLossGuard(ctx.device, mp.scaler)
+    monitor = TrainingMonitor(Path(args.output_dir) / TENSORBOARD_DIR, ctx.is_main, every=PRINT_FREQ,
+                              images_per_step=args.batch_size_per_gpu * ctx.world_size,
+                              enabled=args.tensorboard)
     start_time = time.time()
     print("Starting DINO training !")
     steps_done = 0
@@ -428,7 +439,8 @@ def train_dino(args: argparse.Namespace) -> None:
         stats, steps, completed = train_one_epoch(
             student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch, args, ctx,
             throughput, guard, None if args.num_steps is None else budget - steps_done,
-            start_step if epoch == start_epoch else 0, checkpointer)
+            start_step if epoch == start_epoch else 0, checkpointer, monitor)
+        monitor.end_epoch(epoch)
         steps_done += steps
         # an epoch cut short by --num_steps resumes at the batch where it stopped
         cut_at = 0 if completed else steps + (start_step if epoch == start_epoch else 0)
@@ -438,6 +450,7 @@ def train_dino(args: argparse.Namespace) -> None:
             with (Path(args.output_dir) / "log.txt").open("a") as f:
                 f.write(json.dumps({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}) + "\n")
     checkpointer.close()
+    monitor.close()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
     if steps_done == 0:

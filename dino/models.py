@@ -37,6 +37,13 @@ def is_vit(arch: str) -> bool:
     return canonical_arch(arch) in VIT_ARCHS
 
 
+def backbone_is_vit(model: nn.Module) -> bool:
+    """A timm VisionTransformer (ours or a timm baseline): [CLS] tokens per block are available."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
 def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224,
                    drop_path_rate: float = 0.0) -> nn.Module:
     """A backbone returning one feature vector per image (ViT: final-norm CLS token; CNN: pooled).

@@ -3,6 +3,10 @@
     python dino/visualize_attention.py --arch vit_small --patch_size 8 \
         --pretrained_weights dino_deitsmall8_pretrain.pth --image_path img.jpg --output_dir attn
 Writes img.png, attn-head<i>.png per head and, with --threshold, mask_th<t>_head<i>.png.
+
+Several images (several --image_path values, a folder, or --num_images N validation images of the
+dataset) are drawn in one picture instead, <output_dir>/attention_grid.png: one row per image with
+the image, the mean attention over heads and each head's map.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ssl_runtime.data import SafeImageFolder, load_rgb, resolve_data_path  # noq
 from ssl_runtime.device import add_device_arg  # noqa: E402
 from ssl_runtime.distributed import single_process_context  # noqa: E402
 from ssl_runtime.errors import UserError, main_entry  # noqa: E402
+from ssl_runtime.pictures import draw_grid  # noqa: E402
 
 # A few anchor colours of matplotlib's default 'viridis' map (upstream saves with plt.imsave).
 VIRIDIS = np.array([
@@ -41,8 +46,14 @@ MASK_COLOR = np.array([255.0, 0.0, 0.0])  # upstream draws its single mask in th
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Visualize Self-Attention maps")
     add_pretrained_args(parser, patch_size=8)
-    parser.add_argument("--image_path", default=None, type=str,
-                        help="image to visualise (default: the first validation image of Fashion-MNIST)")
+    parser.add_argument("--image_path", default=None, type=str, nargs="+",
+                        help="image to visualise (default: the first validation image of Fashion-MNIST); "
+                             "several images or a folder: one grid picture, attention_grid.png")
+    parser.add_argument("--num_images", default=None, type=int,
+                        help="draw this many validation images of --data_path in attention_grid.png")
+    parser.add_argument("--data_path", default=None, type=str,
+                        help="dataset root for --num_images (default: the bundled Fashion-MNIST)")
+    parser.add_argument("--cell", default=96, type=int, help="side of each picture in attention_grid.png")
     parser.add_argument("--image_size", default=(480, 480), type=int, nargs="+",
                         help="resize the image to this size (one number: the shorter side)")
     parser.add_argument("--output_dir", default=".", help="where the visualisations are written")
@@ -114,6 +125,10 @@ def open_image(path: str | None) -> Image.Image:
 
 def visualize(args: argparse.Namespace) -> list[Path]:
     args.arch = canonical_arch(args.arch)
+    if args.num_images is not None or len(args.image_path or []) > 1 or \
+            any(Path(p).is_dir() for p in args.image_path or []):
+        return [visualize_batch(args)]
+    args.image_path = args.image_path[0] if args.image_path else None
     if not is_vit(args.arch):
         raise UserError(f"attention maps need a ViT: --arch {args.arch} is not one")
     if len(args.image_size) not in (1, 2) or min(args.image_size) < args.patch_size:
@@ -163,6 +178,67 @@ def visualize(args: argparse.Namespace) -> list[Path]:
             overlay_mask(image, masks[j]).save(written[-1])
             print(f"{written[-1]} saved.")
     return written
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def batch_image_paths(args: argparse.Namespace) -> list[str]:
+    """--num_images validation images (a fixed random choice), or the given files and folders."""
+    if args.num_images is not None:
+        if args.num_images <= 0:
+            raise UserError(f"--num_images must be positive, got {args.num_images}")
+        dataset = SafeImageFolder(resolve_data_path(args.data_path, need=("val",)) / "val")
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:args.num_images]
+        return [dataset.samples[i][0] for i in sorted(chosen.tolist())]
+    paths: list[str] = []
+    for given in args.image_path:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"--image_path {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif path.is_file():
+            paths.append(str(path))
+        else:
+            raise UserError(f"--image_path {path} is neither an image nor a folder")
+    return paths
+
+
+def visualize_batch(args: argparse.Namespace) -> Path:
+    """One picture for many images: per row the image, the heads' mean attention, then each head."""
+    if not is_vit(args.arch):
+        raise UserError(f"attention maps need a ViT: --arch {args.arch} is not one")
+    if args.cell <= 0:
+        raise UserError(f"--cell must be positive, got {args.cell}")
+    paths = batch_image_paths(args)
+    height, width = (args.image_size * 2)[:2]
+    height, width = height - height % args.patch_size, width - width % args.patch_size
+    if min(height, width) < args.patch_size:
+        raise UserError(f"--image_size must be at least the patch size {args.patch_size}")
+    ctx = single_process_context(args.device)
+    model = build_backbone(args.arch, args.patch_size, args.img_size)
+    load_or_random(model, args.pretrained_weights, args.checkpoint_key, args.arch)
+    model = model.to(ctx.device).eval()
+
+    originals = [load_rgb(path).resize((width, height), Image.Resampling.BICUBIC) for path in paths]
+    normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    images = torch.stack([normalize(image) for image in originals]).to(ctx.device)
+    attentions = last_self_attention(model, images)
+    grid_h, grid_w = height // args.patch_size, width // args.patch_size
+    cls = attentions[:, :, 0, model.num_prefix_tokens:].float().cpu()
+    cls = cls.reshape(len(paths), -1, grid_h, grid_w).numpy()
+    heads = cls.shape[1]
+    rows = [[image, colorize(maps.mean(axis=0))] + [colorize(m) for m in maps]
+            for image, maps in zip(originals, cls)]
+    captions = [["image", "mean"] + [f"head {j}" for j in range(heads)]] * len(rows)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "attention_grid.png"
+    draw_grid(rows, args.cell, captions=captions).save(path)
+    print(f"{path} saved: {len(rows)} images x (image, mean, {heads} heads) of {grid_h}x{grid_w} patches.")
+    return path
 
 
 @main_entry

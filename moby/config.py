@@ -158,6 +158,8 @@ _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0
 # (ours) accelerator: auto, npu, cuda or cpu.
 _C.DEVICE = "auto"
+# (ours) TensorBoard scalars in OUTPUT/tensorboard on rank 0 (when the tensorboard package is installed).
+_C.TENSORBOARD = True
 
 
 def default_config() -> CN:

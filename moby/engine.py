@@ -8,7 +8,7 @@ import datetime
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -22,6 +22,7 @@ from ssl_runtime.checkpoint import load_checkpoint as read_checkpoint
 from ssl_runtime.checkpoint import load_first_readable
 from ssl_runtime.meters import AverageMeter, SmoothedValue, ThroughputMeter
 from ssl_runtime.resilience import StepCheckpointer, StepHealth, restore_rng_state
+from ssl_runtime.monitor import TrainingMonitor
 
 from .checkpoint import auto_resume_candidates, resume
 from .config import set_values
@@ -45,6 +46,7 @@ class TrainState:
     resume_step: int = 0
     health: StepHealth | None = None
     checkpointer: StepCheckpointer | None = None
+    monitor: TrainingMonitor = field(default_factory=TrainingMonitor.disabled)  # TensorBoard, epoch means
 
 
 def last_epoch(config: CfgNode) -> int:
@@ -134,6 +136,8 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
         if grad_norm is not None:
             norms.update(grad_norm)
             state.lr_scheduler.step_update(epoch * num_steps + idx)
+            group = state.optimizer.param_groups[0]
+            state.monitor.step(epoch * num_steps + idx, loss=loss, lr=group["lr"], wd=group["weight_decay"])
             if state.checkpointer is not None:
                 state.checkpointer.after_step(epoch, idx + 1, num_steps)
         losses.update(loss.float())

@@ -29,6 +29,8 @@ from moby.data import BICUBIC, build_labelled_datasets, dataset_root, eval_trans
 from ssl_runtime.distributed import DistContext, shutdown  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
 from ssl_runtime.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, evaluate_knn, result_line  # noqa: E402
+from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
+from ssl_runtime.timm_interop import create_timm_baseline, timm_model_name  # noqa: E402
 
 
 def knn_on_encoder(config: CfgNode, encoder: torch.nn.Module, ctx: DistContext, logger: logging.Logger,
@@ -44,7 +46,11 @@ def knn_on_encoder(config: CfgNode, encoder: torch.nn.Module, ctx: DistContext, 
 
 
 def load_encoder(config: CfgNode, path: str | None, key: str, logger: logging.Logger) -> torch.nn.Module:
-    """The online (`encoder`) or target (`encoder_k`) encoder of a MoBY checkpoint, or a random one."""
+    """The online (`encoder`) or target (`encoder_k`) encoder of a MoBY checkpoint, a random one, or
+    (path `timm:<name>`) a randomly initialised timm model at DATA.IMG_SIZE, as a baseline."""
+    name = timm_model_name(path)
+    if name is not None:
+        return create_timm_baseline(name, config.DATA.IMG_SIZE)
     encoder = build_encoder(config, num_classes=0)
     if path is None:
         logger.info("no --pretrained checkpoint: evaluating the randomly initialised encoder")
@@ -57,7 +63,8 @@ def load_encoder(config: CfgNode, path: str | None, key: str, logger: logging.Lo
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("k-NN evaluation of a MoBY encoder")
     parser.add_argument("--pretrained", default=None,
-                        help="MoBY checkpoint (default: <output>/<MODEL.NAME>/<tag>/checkpoint.pth)")
+                        help="MoBY checkpoint (default: <output>/<MODEL.NAME>/<tag>/checkpoint.pth), "
+                             "or timm:<model name> for a randomly initialised timm model (a baseline)")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate the encoder at random initialisation (a baseline)")
     parser.add_argument("--checkpoint_key", default="encoder", choices=["encoder", "encoder_k"],
@@ -76,7 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         logger = open_output(config, ctx)
         encoder = load_encoder(config, pretrained, args.checkpoint_key, logger).to(ctx.device)
-        knn_on_encoder(config, encoder, ctx, logger, ks=args.nb_knn, temperature=args.temperature)
+        results = knn_on_encoder(config, encoder, ctx, logger, ks=args.nb_knn, temperature=args.temperature)
+        monitor = TrainingMonitor(Path(config.OUTPUT) / TENSORBOARD_DIR, ctx.is_main,
+                                  enabled=config.TENSORBOARD, log=logger.info)
+        monitor.scalars(0, "knn", {f"top1_k{k}": top1 for k, (top1, _) in results.items()})
+        monitor.close()
     finally:
         shutdown()
 

@@ -32,6 +32,7 @@ from moby.data import build_labelled_datasets, linear_train_transform, sharded_e
 from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, last_epoch, maybe_resume,  # noqa: E402
                          measure_throughput, prepare_budget, train_one_epoch)
 from moby.model import build_linear_classifier  # noqa: E402
+from moby.monitoring import attach_monitor, log_epoch  # noqa: E402
 from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates  # noqa: E402
 from ssl_runtime import device as devices  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
@@ -39,6 +40,7 @@ from ssl_runtime.data import build_loader, set_loader_epoch  # noqa: E402
 from ssl_runtime.distributed import DistContext, all_reduce_sum_, shutdown, wrap_ddp  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
 from ssl_runtime.meters import AverageMeter, ThroughputMeter  # noqa: E402
+from ssl_runtime.timm_interop import classifier_parameters, create_timm_baseline, timm_model_name  # noqa: E402
 
 
 def linear_config(config: CfgNode, args) -> None:
@@ -107,8 +109,10 @@ def validate(config: CfgNode, loader, model: torch.nn.Module, ctx: DistContext,
 
 
 def freeze_all_but_head(model: torch.nn.Module) -> None:
+    # a timm baseline's classifier may be named otherwise (a ResNet's `fc`)
+    head = {id(p) for p in classifier_parameters(model)} if hasattr(model, "get_classifier") else set()
     for name, param in model.named_parameters():
-        if "head" not in name:
+        if "head" not in name and id(param) not in head:
             param.requires_grad = False
 
 
@@ -120,7 +124,11 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
     val_loader = sharded_eval_loader(val_set, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, ctx)
 
     logger.info(f"Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME}")
-    classifier = build_linear_classifier(config, config.MODEL.DROP_PATH_RATE)
+    timm_name = timm_model_name(config.LINEAR_EVAL.PRETRAINED)
+    if timm_name:
+        classifier = create_timm_baseline(timm_name, config.DATA.IMG_SIZE, config.MODEL.NUM_CLASSES)
+    else:
+        classifier = build_linear_classifier(config, config.MODEL.DROP_PATH_RATE)
     freeze_all_but_head(classifier)
     classifier = classifier.to(ctx.device)
     logger.info(str(classifier))
@@ -128,7 +136,9 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
     mp = MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", ctx.device_type)
     classifier, optimizer = mp.prepare(classifier, optimizer)
     model = wrap_ddp(classifier, ctx, broadcast_buffers=False)
-    if config.LINEAR_EVAL.PRETRAINED:
+    if timm_name:
+        logger.info(f"{config.LINEAR_EVAL.PRETRAINED}: a randomly initialised timm model (baseline)")
+    elif config.LINEAR_EVAL.PRETRAINED:
         load_pretrained_encoder(classifier, config.LINEAR_EVAL.PRETRAINED, logger)
     else:
         logger.info("no pretrained weights (--random-init): the encoder keeps its random initialisation")
@@ -153,6 +163,7 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
         return max_accuracy
 
     prepare_budget(config, state, steps_per_epoch)
+    attach_monitor(config, state, ctx, logger, config.DATA.BATCH_SIZE * ctx.world_size)
     logger.info("Start linear evaluation training")
     start_time = time.time()
     for epoch in range(config.TRAIN.START_EPOCH, last_epoch(config)):
@@ -161,10 +172,12 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
         if ctx.is_main and (epoch % config.SAVE_FREQ == 0 or epoch == last_epoch(config) - 1):
             save_checkpoint(config, epoch, classifier, max_accuracy, optimizer, lr_scheduler, mp.scaler,
                             logger)
-        acc1, _, _ = validate(config, val_loader, model, ctx, logger)
+        acc1, acc5, _ = validate(config, val_loader, model, ctx, logger)
         logger.info(f"Accuracy of the network on the {len(val_set)} test images: {acc1:.1f}%")
+        log_epoch(config, state, epoch, acc1=acc1, acc5=acc5)
         max_accuracy = max(max_accuracy, acc1)
         logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+    state.monitor.close()
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return max_accuracy
 
@@ -176,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drop-path-rate", type=float, default=0.2,
                         help="drop path rate of the frozen encoder during linear evaluation")
     parser.add_argument("--pretrained", default=None,
-                        help="MoBY checkpoint to evaluate "
-                             "(default: <output>/<MODEL.NAME>/<tag>/checkpoint.pth)")
+                        help="MoBY checkpoint to evaluate (default: <output>/<MODEL.NAME>/<tag>/"
+                             "checkpoint.pth), or timm:<model name>: a randomly initialised timm model")
     parser.add_argument("--random-init", action="store_true",
                         help="train the head on the randomly initialised encoder (a baseline)")
     args, config = parse_config(parser, argv)

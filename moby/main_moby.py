@@ -29,6 +29,7 @@ from moby.data import build_pretrain_dataset  # noqa: E402
 from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, last_epoch, maybe_resume,  # noqa: E402
                          measure_throughput, prepare_budget, train_one_epoch)
 from moby.model import build_moby, check_queue_size, maybe_compile_encoders  # noqa: E402
+from moby.monitoring import attach_monitor, log_epoch, momentum_source  # noqa: E402
 from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.data import build_loader, set_loader_epoch  # noqa: E402
@@ -86,6 +87,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     state = TrainState(optimizer, lr_scheduler, mp, ctx, logger, throughput)
     state.health = StepHealth(ctx.device, MOBY_ADVICE, mp.scaler, logger.info)
     maybe_resume(config, moby, state)
+    attach_monitor(config, state, ctx, logger, global_batch).add_source(momentum_source(moby))
     if config.MODEL.RESUME:
         # Upstream fixes the momentum position when the model is built, before the checkpoint is
         # read, so a resumed run restarts the momentum schedule from its start; we continue it.
@@ -110,6 +112,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
             break
         set_loader_epoch(loader, epoch)
         stopped = train_one_epoch(config, model, loader, epoch, state, moby_loss)
+        log_epoch(config, state, epoch)
         if stopped:
             # Ascend's --steps exits here without saving; we keep the weights for evaluation.
             logger.info(f"stopped after {config.TRAIN.STEPS} iterations (--steps) inside epoch {epoch}")
@@ -120,6 +123,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
             break
 
     state.checkpointer.close()
+    state.monitor.close()
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if throughput.timed_steps:
         logger.info(throughput.summary_line())
