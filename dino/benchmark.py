@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # `python dino/benchmark.py`: make the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -54,7 +55,8 @@ def default_name(args: argparse.Namespace, device_type: str, precision: str) -> 
             f"{args.batch_size_per_gpu} {device_type} {precision}")
 
 
-def time_dino_step(args: argparse.Namespace, ctx) -> bench.StepFigures:
+def build_dino_step(args: argparse.Namespace, ctx) -> Callable[[], torch.Tensor]:
+    """main_dino.train_step on fixed random crops, with everything it needs built as in training."""
     student, teacher = build_student_teacher(args, ctx)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                          args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(ctx.device)
@@ -71,7 +73,12 @@ def time_dino_step(args: argparse.Namespace, ctx) -> bench.StepFigures:
         return train_step(student, teacher, dino_loss, images, optimizer, mp, epoch, float(momentum),
                           args, params)
 
-    return bench.time_steps(step, ctx.device, args.batch_size_per_gpu, args.bench_steps, args.bench_warmup)
+    return step
+
+
+def time_dino_step(args: argparse.Namespace, ctx) -> bench.StepFigures:
+    return bench.time_steps(build_dino_step(args, ctx), ctx.device, args.batch_size_per_gpu,
+                            args.bench_steps, args.bench_warmup)
 
 
 def pipeline_folder(args: argparse.Namespace, scratch: Path) -> Path:

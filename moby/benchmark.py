@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # `python moby/benchmark.py`: make the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import logging  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
@@ -51,7 +52,8 @@ def default_name(config: CfgNode, device_type: str, precision: str) -> str:
             f"{config.DATA.BATCH_SIZE} {device_type} {precision}")
 
 
-def time_moby_step(config: CfgNode, ctx, seed: int, steps: int, warmup: int) -> bench.StepFigures:
+def build_moby_step(config: CfgNode, ctx, seed: int) -> Callable[[], torch.Tensor]:
+    """engine.train_step plus the lr-schedule update on fixed random views, built as in training."""
     moby = build_moby(config, STEPS_PER_EPOCH).to(ctx.device)
     maybe_compile_encoders(config, moby, ctx.device_type)
     optimizer = build_optimizer(config, moby, ctx.device_type)
@@ -74,7 +76,11 @@ def time_moby_step(config: CfgNode, ctx, seed: int, steps: int, warmup: int) -> 
         iteration[0] += 1
         return loss
 
-    return bench.time_steps(step, ctx.device, config.DATA.BATCH_SIZE, steps, warmup)
+    return step
+
+
+def time_moby_step(config: CfgNode, ctx, seed: int, steps: int, warmup: int) -> bench.StepFigures:
+    return bench.time_steps(build_moby_step(config, ctx, seed), ctx.device, config.DATA.BATCH_SIZE, steps, warmup)
 
 
 def time_moby_pipeline(config: CfgNode, workers: list[int], batches: int) -> dict[int, float]:

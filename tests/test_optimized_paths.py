@@ -2,8 +2,9 @@
 
 DINO: train_step (vectorised loss, one backbone pass per resolution, foreach clipping and EMA,
 fused AdamW) against a pairwise-loop loss, one backbone pass per crop, per-parameter clipping and
-EMA loops and torch's reference AdamW loop. MoBY: both views in one encoder pass plus the fused
-optimizer against one pass per view and the reference loop. Same loss, same weights afterwards.
+EMA loops and torch's reference AdamW loop. MoBY: engine.train_step (foreach EMA, fused optimizer,
+no host sync) against upstream's per-parameter EMA loop and torch's reference loop. Same loss,
+same weights, centre and queues afterwards.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import types
 
 import torch
 
@@ -99,9 +101,19 @@ def assert_same_updates(model, reference, start: dict) -> None:
     for name, param in model.named_parameters():
         ours = param.detach() - start[name]
         theirs = dict(reference.named_parameters())[name].detach() - start[name]
-        assert (ours - theirs).abs().max() <= 0.01 * theirs.abs().max() + 1e-7, name
+        assert (ours - theirs).abs().max() <= 0.01 * theirs.abs().max() + 1e-6, name  # + float rounding
         moved = max(moved, float(theirs.abs().max()))
     assert moved > 1e-3
+
+
+def loop_momentum_update(model) -> None:
+    """Upstream's target update: one multiply-add per parameter, then the schedule advances."""
+    m = model.momentum()
+    model.step += 1
+    with torch.no_grad():
+        for online, target in ((model.encoder, model.encoder_k), (model.projector, model.projector_k)):
+            for p, p_k in zip(online.parameters(), target.parameters()):
+                p_k.data = p_k.data * m + p.data * (1.0 - m)
 
 
 def moby_pair():
@@ -113,12 +125,11 @@ def moby_pair():
     torch.manual_seed(0)
     fast = build_moby(config, steps_per_epoch=10)
     plain = copy.deepcopy(fast)
-    plain.views_share_pass = False
-    assert fast.views_share_pass  # Swin with LayerNorm: the batched path is the one under test
+    plain.momentum_update = types.MethodType(loop_momentum_update, plain)
     return config, fast, plain
 
 
-def test_moby_step_matches_one_pass_per_view():
+def test_moby_step_matches_the_plain_step():
     config, fast, plain = moby_pair()
     ctx = single_process_context("cpu")
     mp = MixedPrecision.from_flag(False, "cpu")
@@ -148,14 +159,3 @@ def test_moby_step_matches_one_pass_per_view():
     for name, buffer in fast.named_buffers():  # queues, queue pointer, BatchNorm statistics
         torch.testing.assert_close(buffer, dict(plain.named_buffers())[name], rtol=1e-3, atol=1e-4, msg=name)
     assert int(fast.queue_ptr) == 12 % config.MODEL.MOBY.CONTRAST_NUM_NEGATIVE
-
-
-def test_moby_bn_encoder_keeps_one_pass_per_view():
-    config = tiny_config("MODEL.SWIN.NORM_BEFORE_MLP", "bn")
-    moby = build_moby(config, steps_per_epoch=10)
-    assert not moby.views_share_pass
-    calls = []
-    moby.encoder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
-    images = torch.randn(4, 3, 32, 32)
-    moby(images, images.flip(-1))
-    assert calls == [4, 4]

@@ -17,12 +17,7 @@ from tests.conftest import make_imagefolder
 from tests.reliability_helpers import ROOT, SIGKILL, SIGTERM, assert_same_tensors, run, run_and_signal
 from tests.test_reliability_dino import make_broken_dataset, make_empty, make_file, write_odd_images
 
-CPU_CFG = str(ROOT / "configs" / "moby_swin_cpu.yaml")
-QUEUE = 32
-TINY = ["MODEL.SWIN.EMBED_DIM", "12", "MODEL.SWIN.DEPTHS", "[1, 1]", "MODEL.SWIN.NUM_HEADS", "[1, 2]",
-        "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", str(QUEUE), "DATA.NUM_WORKERS", "0", "PRINT_FREQ", "1",
-        "TRAIN.WARMUP_EPOCHS", "1"]
-NAME = "moby__swin_cpu__patch2_window4_32__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2"
+from tests.test_moby_train import CPU_CFG, NAME, QUEUE, TINY  # noqa: E402  (the tiny MoBY set-up)
 
 
 def args(data: Path, out: Path, *extra: str, opts: tuple[str, ...] = ()) -> list[str]:
