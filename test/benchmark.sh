@@ -17,7 +17,8 @@
 #   vits16    DINO vit_small/16, 2x224 + 10x96 (upstream's full recipe), batch 64
 #   swin_t    MoBY Swin-T 224 (configs/moby_swin_tiny.yaml), batch 64
 # Other flags: --device=auto|cpu|cuda|npu  --steps=N (timed steps, default 10)  --warmup=N (3)
-#   --workers="0 2" (data-pipeline worker counts; default: 0 and the run's own)  --amp  --compile
+#   --workers="0 2" (data-pipeline worker counts; default: 0 and the run's own; none: skip)
+#   --amp  --compile
 #   --output=DIR  --dry_run
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,7 +37,7 @@ for arg in "$@"; do
         --amp) AMP=1 ;;
         --compile) COMPILE=1 ;;
         --dry_run) DRY=1 ;;
-        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^[^#]/{/^#/p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown flag $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -77,7 +78,12 @@ for name in $CONFIGS; do
     batch=$(batch_of "$name")
     batch_flag=$([[ $command == dino/* ]] && echo "--batch_size_per_gpu $batch" || echo "--batch-size $batch")
     workers_flag=()
-    [[ -n $WORKERS ]] && workers_flag=(--bench_workers $WORKERS)
+    if [[ $WORKERS == none ]]; then
+        workers_flag=(--bench_workers)
+    elif [[ -n $WORKERS ]]; then
+        # shellcheck disable=SC2206
+        workers_flag=(--bench_workers $WORKERS)
+    fi
     # shellcheck disable=SC2206
     argv=($command $batch_flag --device "$DEVICE" --bench_steps "$STEPS" --bench_warmup "$WARMUP"
           --bench_name "$name" --bench_json "$OUTPUT/$name.json" "${workers_flag[@]}")
