@@ -79,7 +79,8 @@ class TrainingMonitor:
         for name, value in values.items():
             if isinstance(value, (int, float, torch.Tensor)):
                 self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
-        self.writer.flush()
+        if prefix != "train":  # step scalars reach the file with the writer's own periodic flush
+            self.writer.flush()
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """Means over the epoch's steps (this rank), also written as `epoch/<name>`; then reset."""
