@@ -28,7 +28,7 @@ from dino.main_dino import (build_optimizer_for, build_schedules, build_student_
                             get_args_parser, set_schedule_values, train_step, validate_args)
 from ssl_runtime import bench  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
-from ssl_runtime.data import SafeImageFolder, resolve_data_path  # noqa: E402
+from ssl_runtime.data import SafeImageFolder  # noqa: E402
 from ssl_runtime.device import set_fast_math  # noqa: E402
 from ssl_runtime.distributed import single_process_context, unwrap  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
@@ -81,20 +81,12 @@ def time_dino_step(args: argparse.Namespace, ctx) -> bench.StepFigures:
                             args.bench_steps, args.bench_warmup)
 
 
-def pipeline_folder(args: argparse.Namespace, scratch: Path) -> Path:
-    """The dataset's train/ images; without --data_path, Fashion-MNIST for small crops and
-    synthetic ImageNet-sized JPEGs for 224-pixel crops (what a user's ImageNet run decodes)."""
-    if args.data_path or args.img_size < 128:
-        root = resolve_data_path(args.data_path, need=())
-        return root / "train" if (root / "train").is_dir() else root
-    return bench.synthetic_jpeg_folder(scratch)
-
-
 def time_dino_pipeline(args: argparse.Namespace, workers: list[int]) -> dict[int, float]:
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                      args.local_crops_number, args.img_size, args.local_crop_size)
     with tempfile.TemporaryDirectory() as scratch:
-        dataset = SafeImageFolder(pipeline_folder(args, Path(scratch)), transform=transform)
+        dataset = SafeImageFolder(bench.pipeline_folder(args.data_path, args.img_size, Path(scratch)),
+                                  transform=transform)
         return {w: bench.time_data_pipeline(dataset, args.batch_size_per_gpu, w, args.bench_batches)
                 for w in workers}
 

@@ -275,7 +275,7 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
         throughput.step()
         steps += 1
-        monitor.step(global_it, loss=loss.detach(), lr=optimizer.param_groups[0]["lr"],
+        monitor.step(global_it, loss=loss, lr=optimizer.param_groups[0]["lr"],
                      wd=optimizer.param_groups[0]["weight_decay"], momentum=momentum_schedule[global_it],
                      teacher_temp=dino_loss.teacher_temp_schedule[epoch])
         if checkpointer is not None:
@@ -419,7 +419,7 @@ def train_dino(args: argparse.Namespace) -> None:
         save_checkpoint(args, epoch_to_resume, student, teacher, optimizer, mp, dino_loss,
                         epoch_to_resume if epoch_step else epoch_to_resume - 1, ctx, epoch_step)
 
-    checkpointer = StepCheckpointer(save_at, args.saveckp_steps, StopSignal())
+    checkpointer = StepCheckpointer(save_at, args.saveckp_steps, StopSignal(), check_every=PRINT_FREQ)
 
     remaining = (args.epochs - start_epoch) * niter - start_step
     budget = remaining if args.num_steps is None else min(args.num_steps, remaining)
@@ -428,7 +428,7 @@ def train_dino(args: argparse.Namespace) -> None:
     guard = NonFiniteLossGuard(ctx.device, mp.scaler)
     monitor = TrainingMonitor(Path(args.output_dir) / TENSORBOARD_DIR, ctx.is_main, every=PRINT_FREQ,
                               images_per_step=args.batch_size_per_gpu * ctx.world_size,
-                              enabled=args.tensorboard)
+                              enabled=args.tensorboard, epoch_means=False)  # MetricLogger has them
     start_time = time.time()
     print("Starting DINO training !")
     steps_done = 0
@@ -440,7 +440,7 @@ def train_dino(args: argparse.Namespace) -> None:
             student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch, args, ctx,
             throughput, guard, None if args.num_steps is None else budget - steps_done,
             start_step if epoch == start_epoch else 0, checkpointer, monitor)
-        monitor.end_epoch(epoch)
+        monitor.scalars(epoch, "epoch", stats)
         steps_done += steps
         # an epoch cut short by --num_steps resumes at the batch where it stopped
         cut_at = 0 if completed else steps + (start_step if epoch == start_epoch else 0)

@@ -33,7 +33,7 @@ from moby.model import build_moby, check_queue_size, maybe_compile_encoders  # n
 from moby.optimization import build_optimizer, build_scheduler  # noqa: E402
 from ssl_runtime import bench  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
-from ssl_runtime.data import SafeImageFolder, resolve_data_path  # noqa: E402
+from ssl_runtime.data import SafeImageFolder  # noqa: E402
 from ssl_runtime.device import set_fast_math  # noqa: E402
 from ssl_runtime.distributed import single_process_context  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
@@ -86,10 +86,8 @@ def time_moby_step(config: CfgNode, ctx, seed: int, steps: int, warmup: int) -> 
 def time_moby_pipeline(config: CfgNode, workers: list[int], batches: int) -> dict[int, float]:
     view1, view2 = ssl_transforms(config)
     with tempfile.TemporaryDirectory() as scratch:
-        if config.DATA.DATA_PATH or config.DATA.IMG_SIZE < 128:
-            folder = resolve_data_path(config.DATA.DATA_PATH or None, need=("train",), flag="--data-path") / "train"
-        else:  # ImageNet-sized synthetic JPEGs: what a 224-pixel run decodes
-            folder = bench.synthetic_jpeg_folder(Path(scratch))
+        folder = bench.pipeline_folder(config.DATA.DATA_PATH or None, config.DATA.IMG_SIZE, Path(scratch),
+                                       flag="--data-path")
         dataset = TwoViewDataset(SafeImageFolder(folder), view1, view2)
         return {w: bench.time_data_pipeline(dataset, config.DATA.BATCH_SIZE, w, batches) for w in workers}
 

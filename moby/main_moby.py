@@ -59,7 +59,8 @@ def step_checkpointer(config: CfgNode, moby: torch.nn.Module, state: TrainState,
                             state.lr_scheduler, state.mp.scaler, state.logger, epoch_step,
                             state.ctx.device_type)
 
-    return StepCheckpointer(save_at, config.TRAIN.SAVE_STEPS, StopSignal(), state.logger.info)
+    return StepCheckpointer(save_at, config.TRAIN.SAVE_STEPS, StopSignal(), state.logger.info,
+                            check_every=config.PRINT_FREQ)
 
 
 def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import device as devices
+from .data import resolve_data_path
 from .errors import UserError
 
 
@@ -171,6 +172,16 @@ def worker_counts(args: argparse.Namespace, default_workers: int) -> list[int]:
     if args.bench_workers is not None:
         return list(dict.fromkeys(args.bench_workers))
     return list(dict.fromkeys([0, default_workers]))
+
+
+def pipeline_folder(data_path: str | None, img_size: int, scratch: Path, flag: str = "--data_path") -> Path:
+    """Images whose decoding and augmentation are timed: the dataset's train/ folder; without a
+    dataset, Fashion-MNIST for small crops and synthetic ImageNet-sized JPEGs (written to
+    `scratch`) for 224-pixel crops, which is what a user's ImageNet run decodes."""
+    if data_path or img_size < 128:
+        root = resolve_data_path(data_path, need=(), flag=flag)
+        return root / "train" if (root / "train").is_dir() else root
+    return synthetic_jpeg_folder(scratch)
 
 
 def synthetic_jpeg_folder(root: Path, count: int = 64, size: tuple[int, int] = (500, 375)) -> Path:

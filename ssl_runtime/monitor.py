@@ -37,8 +37,10 @@ def open_summary_writer(log_dir: str | os.PathLike, log: Callable[[str], None] =
 
 class TrainingMonitor:
     def __init__(self, log_dir: str | os.PathLike | None = None, is_main: bool = True, every: int = 10,
-                 images_per_step: int = 0, enabled: bool = True, log: Callable[[str], None] = print):
+                 images_per_step: int = 0, enabled: bool = True, log: Callable[[str], None] = print,
+                 epoch_means: bool = True):
         self.is_main = is_main
+        self.epoch_means = epoch_means  # False: the caller keeps them (DINO's MetricLogger)
         self.every = max(int(every), 1)
         self.images_per_step = images_per_step
         self.writer = open_summary_writer(log_dir, log) if enabled and is_main and log_dir else None
@@ -58,8 +60,9 @@ class TrainingMonitor:
         """Call once per optimizer step; tensors are read only every `every` steps."""
         if not self.is_main:
             return
-        for name, value in scalars.items():
-            self._epoch[name].update(value.detach() if isinstance(value, torch.Tensor) else float(value))
+        if self.epoch_means:
+            for name, value in scalars.items():
+                self._epoch[name].update(value.detach() if isinstance(value, torch.Tensor) else float(value))
         if self.writer is None or step % self.every:
             return
         values = {name: float(value) for name, value in scalars.items()}  # the one host sync

@@ -150,20 +150,25 @@ class StepCheckpointer:
     SIGTERM arrived, saves and stops.
 
     save(resume_epoch, resume_step) must write a checkpoint from which a run restarts at batch
-    `resume_step` of epoch `resume_epoch` (rank 0 writes; every rank calls).
+    `resume_step` of epoch `resume_epoch` (rank 0 writes; every rank calls). Whether SIGTERM
+    arrived is agreed on by all ranks through a collective, so it is asked only every
+    `check_every` steps, at epoch ends and when a periodic save is due anyway.
     """
 
     def __init__(self, save: Callable[[int, int], None], every_steps: int = 0,
-                 stop: StopSignal | None = None, log: Callable[[str], None] = print):
+                 stop: StopSignal | None = None, log: Callable[[str], None] = print,
+                 check_every: int = 1):
         self.save, self.every_steps, self.stop, self.log = save, every_steps, stop, log
+        self.check_every = max(int(check_every), 1)
 
     def close(self) -> None:
         if self.stop is not None:
             self.stop.restore()
 
     def after_step(self, epoch: int, done_in_epoch: int, steps_per_epoch: int) -> None:
-        stopping = self.stop is not None and self.stop.requested()
         periodic = self.every_steps > 0 and done_in_epoch % self.every_steps == 0
+        ask = periodic or done_in_epoch % self.check_every == 0 or done_in_epoch == steps_per_epoch
+        stopping = ask and self.stop is not None and self.stop.requested()
         if not (stopping or periodic) or (periodic and not stopping and done_in_epoch == steps_per_epoch):
             return  # the end-of-epoch checkpoint follows anyway
         resume_at = (epoch + 1, 0) if done_in_epoch == steps_per_epoch else (epoch, done_in_epoch)

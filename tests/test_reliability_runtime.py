@@ -69,6 +69,25 @@ def test_step_checkpointer_saves_every_n_steps_and_on_a_stop_request():
     assert info.value.code == 143 and saved[-1] == (5, 0)
 
 
+def test_stop_is_asked_only_every_check_every_steps_and_at_epoch_end():
+    asked: list[int] = []
+
+    class CountingStop(FakeStop):
+        def requested(self) -> bool:  # a collective across ranks: kept out of most steps
+            asked.append(step)
+            return super().requested()
+
+    stop = CountingStop()
+    checkpointer = StepCheckpointer(lambda e, s: None, stop=stop, log=lambda _line: None, check_every=3)
+    for step in range(1, 8):  # 7 steps per epoch
+        checkpointer.after_step(0, step, 7)
+    assert asked == [3, 6, 7]
+    stop.received = 15
+    checkpointer.after_step(1, 1, 7)  # signalled, but step 1 is not a checking step: no stop yet
+    with pytest.raises(Interrupted):
+        checkpointer.after_step(1, 3, 7)
+
+
 # ---------------------------------------------------------------- 2. rotation and fallback
 
 def test_rotation_keeps_the_previous_file_and_fallback_skips_broken_ones(tmp_path):
