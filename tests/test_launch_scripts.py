@@ -80,7 +80,7 @@ def test_unknown_flag_fails_and_lists_the_flags(tmp_path):
     (["--data_path=/no/such/folder"], "--data_path=/no/such/folder is not a folder"),
     (["--cfg=configs/moby_swin_cpu.yaml"], "--cfg is a MoBY option"),
     (["--model=moby", "--cfg=nope.yaml"], "--cfg=nope.yaml: no such file"),
-    (["--checkpoint=x.pth"], "--checkpoint is for eval_knn.sh and eval_linear.sh"),
+    (["--checkpoint=x.pth"], "--checkpoint is for eval_knn.sh, eval_linear.sh and eval_8p.sh"),
 ])
 def test_bad_values_are_rejected(tmp_path, flags, message):
     done = run_script("train_full_1p.sh", "--device=cpu", *flags, "--dry_run", tmp_path=tmp_path)
