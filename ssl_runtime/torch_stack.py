@@ -5,8 +5,8 @@ The code needs torch >= 2.1 (it calls torch.autocast(device_type=...), DataLoade
 Ascend, torch_npu pins the torch it was built for, and CANN pins torch_npu; the pairs below are
 the ones our requirement files install (read from the torch_npu wheels' metadata and READMEs).
 
-    python -m ssl_runtime.torch_stack           # prints what this interpreter lacks and the pip
-                                                # command that adds it without touching torch
+    python -m ssl_runtime       # prints what this interpreter lacks and the pip command that
+                                # adds it without touching torch (ssl_runtime/__main__.py)
 """
 
 from __future__ import annotations
@@ -108,19 +108,3 @@ def install_advice(python: str, missing: list[str]) -> str:
                      "torch_npu's README does for torch)")
     lines.append("Or name another interpreter with SSL_PYTHON=/path/to/python.")
     return "\n".join(lines)
-
-
-def main() -> None:
-    missing = missing_modules()
-    if "torch" in missing:
-        print(f"error: {sys.executable} has no torch: install one of the supported stacks "
-              f"(requirements.txt, or on Ascend {stacks_text()})", file=sys.stderr)
-        raise SystemExit(2)
-    if missing:
-        print("error: " + install_advice(sys.executable, missing), file=sys.stderr)
-        raise SystemExit(2)
-    print(f"{sys.executable}: torch {installed_version('torch')} with everything the code imports")
-
-
-if __name__ == "__main__":
-    main()

@@ -133,14 +133,15 @@ moby_perf_epochs_args() {
 }
 # MoBY's linear-evaluation batch per device on NPU/GPU. Upstream's recipe is lr 1.0 at a global
 # batch of 512 (8 GPUs x 64); main_linear.py scales --lr by batch x processes / 512, so keeping the
-# global batch at 512 gives upstream's lr of 1.0 whatever the pretraining batch. On CPU: the run's.
+# global batch at 512 gives upstream's lr of 1.0 whatever the pretraining batch. The evaluation
+# runs NPROC processes (on node 0 only in multi-node runs). On CPU: the run's batch.
 moby_linear_batch() {
     if [[ $DEVICE == cpu ]]; then
         echo "$BATCH_SIZE"
-    elif ((WORLD >= 512)); then
+    elif ((NPROC >= 512)); then
         echo 1
     else
-        echo $((512 / WORLD))
+        echo $((512 / NPROC))
     fi
 }
 # NPU-only flags of the pretraining programs, as the Ascend ports' scripts pass them.

@@ -10,7 +10,7 @@
 #   3. python3 from PATH, when it has torch (for example an Ascend environment with torch_npu, a
 #      conda environment or an activated virtual environment). Its torch is never replaced: when it
 #      lacks torchvision, timm or yacs, the scripts stop and print the pip command that adds them
-#      while keeping its torch (python3 -m ssl_runtime.torch_stack prints it too).
+#      while keeping its torch (python3 -m ssl_runtime prints it too).
 #   4. Otherwise the repository's .venv: created and filled from requirements.txt when it is
 #      missing or when requirements.txt changed since the last install. A stamp file holding the
 #      hash of requirements.txt makes this check instant once the environment is in place.
@@ -79,7 +79,7 @@ ssl_setup_env() {
         SSL_PYTHON=$(command -v python3)
         if ! ssl_python_has_requirements "$SSL_PYTHON"; then
             # prints what is missing and the pip command that keeps this torch
-            (cd "$repo" && PYTHONPATH=$repo "$SSL_PYTHON" -m ssl_runtime.torch_stack >/dev/null)
+            (cd "$repo" && PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH} "$SSL_PYTHON" -m ssl_runtime >/dev/null)
             return 1
         fi
     else
