@@ -237,7 +237,7 @@ HUAWEI_DINO_PERF = HUAWEI_DINO_8P[:-2] + "--warmup_epochs 0 --num_steps 200 --bi
 def test_huawei_dino_command_lines_parse(monkeypatch, capsys):
     from dino.main_dino import get_args_parser, validate_args
 
-    monkeypatch.delenv(devices.NPU_BINARY_ENV, raising=False)
+    monkeypatch.setenv(devices.NPU_BINARY_ENV, "")  # restored after the test: --bin writes it
     args = get_args_parser().parse_args(HUAWEI_DINO_8P)
     assert (args.batch_size_per_gpu, args.num_workers, args.bin, args.amp) == (64, 32, True, True)
     assert os.environ[devices.NPU_BINARY_ENV] == "1"
@@ -274,7 +274,7 @@ def test_bin_flag_selects_binary_operators_on_npu(monkeypatch, fake_npu, flag, j
     import argparse
 
     fake = fake_npu
-    monkeypatch.delenv(devices.NPU_BINARY_ENV, raising=False)
+    monkeypatch.setenv(devices.NPU_BINARY_ENV, "")  # restored after the test: --bin writes it
     for variable in devices.NPU_OPTION_SWITCHES:
         monkeypatch.delenv(variable, raising=False)
     parser = argparse.ArgumentParser()

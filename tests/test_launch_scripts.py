@@ -20,7 +20,10 @@ SOURCED = ["common.sh", "setup_env.sh", "env_npu.sh"]
 
 def script_env(tmp_path: Path, **extra: str) -> dict:
     env = {**os.environ, "SSL_PYTHON": sys.executable, "SSL_TEST_OUTPUT": str(tmp_path / "output")}
-    env.pop("SSL_DEVICE", None)
+    # variables that choose the device, the output folder or the rendezvous (other tests may set them)
+    for name in ("SSL_DEVICE", "ASCEND_DEVICE_ID", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK",
+                 "WORLD_SIZE", "LOCAL_RANK", "CANN_SET_ENV", "SSL_NPU_BINARY"):
+        env.pop(name, None)
     env.update(extra)
     return env
 
