@@ -32,8 +32,8 @@ source "$SSL_TEST_DIR/setup_env.sh"
 DINO_NETWORK=DINO_ID3436_for_PyTorch
 MOBY_NETWORK=Transformer-SSL_ID3434_for_PyTorch
 # The evaluation log's name, as each Ascend port writes it: <prefix>_<ID>.log.
-DINO_EVAL_LOG=test
-MOBY_EVAL_LOG=eval
+DINO_EVAL_LOG="test"
+MOBY_EVAL_LOG="eval"
 
 ###################################################################################################
 # Model-specific settings. The DINO and MoBY trees own the functions and variables of this section:
@@ -321,11 +321,10 @@ ssl_check_device() {
 
 # The checkpoint of the newest train_full run with this model and number of devices (eval mode).
 ssl_last_full_checkpoint() {
-    local pattern=$LOG_DIR/${NETWORK}_bs*_${WORLD}p_acc/checkpoint.pth
-    [[ $MODEL == moby ]] && pattern=$LOG_DIR/${NETWORK}_bs*_${WORLD}p_acc/*/pretrain/checkpoint.pth
-    local found
-    # shellcheck disable=SC2086  # the pattern is meant to expand
-    found=$(ls -t $pattern 2>/dev/null | head -n 1)
+    local inside=checkpoint.pth found
+    [[ $MODEL == moby ]] && inside='*/pretrain/checkpoint.pth'
+    # shellcheck disable=SC2086,SC2012  # the patterns are meant to expand; newest first
+    found=$(ls -t "$LOG_DIR/$NETWORK"_bs*_"$WORLD"p_acc/$inside 2>/dev/null | head -n 1)
     [[ -n $found ]] || ssl_die "no --checkpoint given and no checkpoint of a ${WORLD}-device train_full" \
         "run under $LOG_DIR: run train_full_${WORLD}p.sh first or pass --checkpoint=FILE"
     echo "$found"
@@ -404,7 +403,7 @@ ssl_build_commands() {
     local mode=$1 evaluation=$1
     [[ $mode == full || $mode == eval ]] && evaluation=$([[ $MODEL == dino ]] && echo eval_knn || echo eval_linear)
     PRETRAIN_CMD=() EVAL_CMD=()
-    # shellcheck disable=SC2206  # the model argument strings are meant to split into words
+    # shellcheck disable=SC2206,SC2207  # the model argument strings are meant to split into words
     if [[ $MODEL == dino ]]; then
         if [[ $mode == full || $mode == perf ]]; then
             PRETRAIN_CMD=("$DINO_PRETRAIN" --output_dir "$RUN_DIR" --batch_size_per_gpu "$BATCH_SIZE"
