@@ -169,7 +169,7 @@ def test_dino_checkpoint_exports_to_timm(dino_run, tmp_path, key):
     assert torch.equal(teacher_vs_student, ours.state_dict()["blocks.0.attn.qkv.weight"])
 
 
-def test_official_resnet50_exports_to_timm(tmp_path):
+def test_dino_official_resnet50_exports_to_timm(tmp_path):
     """DINO's ResNet-50 is torchvision's; its keys and network are timm's resnet50 as well."""
     torch.manual_seed(0)
     reference = torchvision.models.resnet50()
