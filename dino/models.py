@@ -65,8 +65,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.
 class DinoVisionTransformer(VisionTransformer):
     """timm's ViT with upstream DINO's initialisation and position-embedding resampling.
 
-    timm resamples the position embedding for other input sizes with antialiasing and to the exact
-    grid; upstream's formula (resample_pos_embed) gives other features at every size but the
+    timm resamples the position embedding for other input sizes with antialiasing, to the exact
+    grid; upstream does not (resample_pos_embed), and the features differ at every size but the
     native one (local crops, attention maps at 480 px). Built with dynamic_img_size, so the patch
     embedding accepts any multiple of the patch size and hands over a [B, rows, cols, C] grid.
     """

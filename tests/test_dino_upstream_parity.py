@@ -154,15 +154,15 @@ def test_native_size_is_timms_own_computation():
     """At the size the model is built for, nothing is resampled: bit for bit timm's ViT."""
     state = official_state()
     ours = build_backbone("vit_pico", PATCH, 224).eval()
-    timms = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, embed_dim=DIM, depth=DEPTH,
-                              num_heads=HEADS, dynamic_img_size=True).eval()
+    timms = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, embed_dim=DIM,
+                              depth=DEPTH, num_heads=HEADS, dynamic_img_size=True).eval()
     ours.load_state_dict(state)
     timms.load_state_dict(state)
     images = images_of((224, 224))
     with torch.no_grad():
         assert torch.equal(ours(images), timms(images))
-        for a, b in zip(ours.get_intermediate_layers(images, n=2), timms.get_intermediate_layers(images, n=2)):
-            assert torch.equal(a, b)
+        pairs = zip(ours.get_intermediate_layers(images, n=2), timms.get_intermediate_layers(images, n=2))
+        assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_official_224_weights_evaluated_at_another_img_size(tmp_path):
@@ -183,7 +183,8 @@ def assert_std(values: torch.Tensor, std: float, what: str) -> None:
     std / sqrt(2N) (normal; uniform: 0.45 std / sqrt(N)); 6 / sqrt(N) leaves more than 6 of them."""
     n = values.numel()
     assert abs(values.mean().item()) <= 6 * std / math.sqrt(n), what
-    assert abs(values.std().item() / std - 1) <= 6 / math.sqrt(n), f"{what}: std {values.std().item():.3g} != {std:g}"
+    sample_std = values.std().item()
+    assert abs(sample_std / std - 1) <= 6 / math.sqrt(n), f"{what}: std {sample_std:.3g} != {std:g}"
 
 
 def assert_trunc_normal(values: torch.Tensor, std: float, what: str) -> None:
@@ -221,7 +222,9 @@ def test_dino_head_initialisation_is_upstreams():
     for layer in (m for m in head.mlp if isinstance(m, nn.Linear)):
         assert_trunc_normal(layer.weight, 0.02, "head Linear weight")
         assert torch.all(layer.bias == 0)
-    assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in head.mlp if isinstance(m, nn.BatchNorm1d))
+    batch_norms = [m for m in head.mlp if isinstance(m, nn.BatchNorm1d)]
+    assert len(batch_norms) == 2
+    assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in batch_norms)
     # the prototypes keep nn.Linear's default U(+-1/sqrt(fan_in)) directions, with unit norms
     bound = 1 / math.sqrt(256)
     assert head.last_layer.weight_v.abs().max() <= bound
@@ -240,7 +243,10 @@ def test_resnet50_is_torchvisions_network():
     reference.fc = nn.Identity()
     assert repr(ours) == repr(reference)
     assert ours.num_features == 2048
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    def shapes(model):
+        return {k: v.shape for k, v in model.state_dict().items()}
+
+    assert shapes(ours) == shapes(reference)
     batch_norms = [m for m in ours.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in batch_norms)
     for name, conv in ((n, m) for n, m in ours.named_modules() if isinstance(m, nn.Conv2d)):

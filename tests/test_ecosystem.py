@@ -180,9 +180,9 @@ def test_dino_official_resnet50_exports_to_timm(tmp_path):
             bn.running_var.uniform_(0.5, 2.0)
             bn.weight.uniform_(0.5, 1.5)
     torch.save(reference.state_dict(), tmp_path / "dino_resnet50_pretrain.pth")
-    output = run_quietly(dino_export.main, ["--pretrained_weights", str(tmp_path / "dino_resnet50_pretrain.pth"),
-                                           "--arch", "resnet50", "--img_size", "64", "--formats", "safetensors",
-                                           "--output", str(tmp_path / "r50")])
+    output = run_quietly(dino_export.main, [
+        "--pretrained_weights", str(tmp_path / "dino_resnet50_pretrain.pth"), "--arch", "resnet50",
+        "--img_size", "64", "--formats", "safetensors", "--output", str(tmp_path / "r50")])
     assert "timm model: resnet50" in output
     theirs = eval(_printed_call(output), {"timm": timm}).eval()
     images = torch.randn(2, 3, 64, 64)
