@@ -16,12 +16,13 @@ import os
 from typing import Mapping
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, strip_prefixes
 from ssl_runtime.errors import UserError
 from ssl_runtime.timm_interop import create_timm_baseline, timm_model_name
+
+from .models import resample_pos_embed
 
 WRAPPER_PREFIXES = ("module.", "backbone.")
 HEAD_PREFIX = "head."
@@ -54,16 +55,15 @@ def backbone_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict, list[s
 
 
 def adapt_pos_embed(model: nn.Module, state: dict) -> bool:
-    """Resample a ViT position embedding trained at another resolution to the model's grid."""
+    """Resample a ViT position embedding trained at another resolution to the model's grid, as
+    upstream DINO does for inputs of that size (so features equal upstream's at that size)."""
     target = getattr(model, "pos_embed", None)
     source = state.get("pos_embed")
     if target is None or source is None or source.shape == target.shape:
         return False
-    prefix = getattr(model, "num_prefix_tokens", 1)
     if source.ndim != 3 or source.shape[-1] != target.shape[-1]:
         return False  # a different width: let the checked load report it
-    grid = model.patch_embed.grid_size
-    state["pos_embed"] = resample_abs_pos_embed(source, new_size=list(grid), num_prefix_tokens=prefix)
+    state["pos_embed"] = resample_pos_embed(source, tuple(model.patch_embed.grid_size))
     return True
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torchvision
 
 from dino import export as dino_export
 from dino import main_dino
@@ -166,6 +167,27 @@ def test_dino_checkpoint_exports_to_timm(dino_run, tmp_path, key):
         _assert_same_features(ours, theirs, 32)
     teacher_vs_student = torch.load(tmp_path / f"{key}.pth")["blocks.0.attn.qkv.weight"]
     assert torch.equal(teacher_vs_student, ours.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_dino_official_resnet50_exports_to_timm(tmp_path):
+    """DINO's ResNet-50 is torchvision's; its keys and network are timm's resnet50 as well."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50()
+    reference.fc = torch.nn.Identity()
+    with torch.no_grad():  # trained-like BN statistics, so that eval-mode features depend on them
+        for bn in (m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    torch.save(reference.state_dict(), tmp_path / "dino_resnet50_pretrain.pth")
+    output = run_quietly(dino_export.main, [
+        "--pretrained_weights", str(tmp_path / "dino_resnet50_pretrain.pth"), "--arch", "resnet50",
+        "--img_size", "64", "--formats", "safetensors", "--output", str(tmp_path / "r50")])
+    assert "timm model: resnet50" in output
+    theirs = eval(_printed_call(output), {"timm": timm}).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(theirs(images), reference.eval()(images), atol=1e-5, rtol=1e-4)
 
 
 def _moby_config(cfg: str, *opts: str):
