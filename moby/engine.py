@@ -18,13 +18,12 @@ from yacs.config import CfgNode
 from ssl_runtime import device as devices
 from ssl_runtime.amp import MixedPrecision
 from ssl_runtime.distributed import DistContext
-from ssl_runtime.checkpoint import load_checkpoint as read_checkpoint
 from ssl_runtime.checkpoint import load_first_readable
 from ssl_runtime.meters import AverageMeter, SmoothedValue, ThroughputMeter
 from ssl_runtime.resilience import StepCheckpointer, StepHealth, restore_rng_state
 from ssl_runtime.monitor import TrainingMonitor
 
-from .checkpoint import auto_resume_candidates, resume
+from .checkpoint import TRUST_FLAG, auto_resume_candidates, read_checkpoint, resume
 from .config import set_values
 
 THROUGHPUT_WARMUP_STEPS = 20  # the Ascend port also times only from the 20th iteration on
@@ -178,7 +177,8 @@ def maybe_resume(config: CfgNode, model: torch.nn.Module, state: TrainState) -> 
     logger = state.logger
     checkpoint = None
     if config.TRAIN.AUTO_RESUME:
-        found = load_first_readable(auto_resume_candidates(config.OUTPUT), warn=logger.warning)
+        found = load_first_readable(auto_resume_candidates(config.OUTPUT), warn=logger.warning,
+                                    trust=config.MODEL.TRUST_CHECKPOINT, trust_flag=TRUST_FLAG)
         if found:
             checkpoint, path = found
             if config.MODEL.RESUME:
@@ -190,7 +190,7 @@ def maybe_resume(config: CfgNode, model: torch.nn.Module, state: TrainState) -> 
     if not config.MODEL.RESUME:
         return 0.0
     if checkpoint is None:
-        checkpoint = read_checkpoint(config.MODEL.RESUME)
+        checkpoint = read_checkpoint(config.MODEL.RESUME, config.MODEL.TRUST_CHECKPOINT)
     max_accuracy = resume(config, model, state.optimizer, state.lr_scheduler, state.mp.scaler, logger,
                           checkpoint)
     if not config.EVAL_MODE and "optimizer" in checkpoint:

@@ -139,7 +139,8 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
     if timm_name:
         logger.info(f"{config.LINEAR_EVAL.PRETRAINED}: a randomly initialised timm model (baseline)")
     elif config.LINEAR_EVAL.PRETRAINED:
-        load_pretrained_encoder(classifier, config.LINEAR_EVAL.PRETRAINED, logger)
+        load_pretrained_encoder(classifier, config.LINEAR_EVAL.PRETRAINED, logger,
+                                trust=config.MODEL.TRUST_CHECKPOINT)
     else:
         logger.info("no pretrained weights (--random-init): the encoder keeps its random initialisation")
     logger.info(f"number of params: {sum(p.numel() for p in classifier.parameters() if p.requires_grad)}")

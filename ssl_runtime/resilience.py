@@ -95,8 +95,11 @@ def skip_batches(loader, batches: int) -> None:
 
 
 def rng_state(device_type: str = "cpu") -> dict:
-    """Every generator the training step draws from, for the checkpoint."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator the training step draws from, for the checkpoint, held in types the safe
+    (weights-only) unpickler reads: tensors, Python numbers, strings and tuples."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if device_type != "cpu":
         state["device"] = torch.get_device_module(device_type).get_rng_state()
     return state
@@ -106,7 +109,8 @@ def restore_rng_state(state: dict | None, device_type: str = "cpu") -> None:
     if not state:
         return
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # keys: a tensor, or a uint32 array in older checkpoints
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if device_type != "cpu" and "device" in state:
         torch.get_device_module(device_type).set_rng_state(state["device"])
