@@ -99,6 +99,14 @@ _C.TRAIN.MIN_LR = 5e-6
 _C.TRAIN.CLIP_GRAD = 5.0
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 0
+# (ours) Pre-training only: True accumulates the gradients of ACCUMULATION_STEPS iterations into
+# one optimizer step. False (upstream's moby_main.py) steps every iteration; ACCUMULATION_STEPS then
+# only multiplies the learning rates. Linear evaluation always accumulates (moby_linear.py does).
+_C.TRAIN.REAL_ACCUMULATION = False
+# (ours) A NaN/inf loss stops the run (the last checkpoint is kept). True skips the optimizer step
+# of such an iteration instead and goes on, as upstream does under apex mixed precision (its
+# dynamic loss scaler skips steps whose gradients overflow); skipped steps are logged.
+_C.TRAIN.SKIP_NON_FINITE = False
 _C.TRAIN.USE_CHECKPOINT = False
 # (ours, Ascend --steps) stop after this many optimizer steps; 0 = no limit.
 _C.TRAIN.STEPS = 0

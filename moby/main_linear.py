@@ -151,7 +151,8 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
         if config.MODEL.LABEL_SMOOTHING > 0 else torch.nn.CrossEntropyLoss()
     throughput = ThroughputMeter(config.DATA.BATCH_SIZE * ctx.world_size,
                                  warmup_steps=THROUGHPUT_WARMUP_STEPS, device=ctx.device)
-    state = TrainState(optimizer, lr_scheduler, mp, ctx, logger, throughput)
+    state = TrainState(optimizer, lr_scheduler, mp, ctx, logger, throughput,
+                       skip_non_finite=config.TRAIN.SKIP_NON_FINITE)
 
     max_accuracy = maybe_resume(config, classifier, state)
     if config.MODEL.RESUME:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
+import re
 import zipfile
 from collections import deque
 from pathlib import Path
@@ -103,9 +104,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", trust: bool = F
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as exc:
-            if "weights only load failed" not in str(exc).lower():
+            found = ", ".join(unsafe_globals(path) or _refused_globals(exc))
+            if not found:  # not a refused type: a damaged file
                 raise
-            found = ", ".join(unsafe_globals(path)) or _refusal_reason(exc)
             if not trust:
                 raise UntrustedCheckpoint(
                     f"checkpoint {path} holds objects the safe loader does not rebuild ({found}): "
@@ -176,10 +177,12 @@ def _pickled_globals(stream) -> list[str]:
     return names
 
 
-def _refusal_reason(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if "global" in line.lower()
-             or "unsupported" in line.lower()]
-    return lines[-1][:200] if lines else "objects other than tensors and plain values"
+def _refused_globals(exc: Exception) -> list[str]:
+    """The class or function torch's safe unpickler named when it refused a file (torch 2.1:
+    "Unsupported class a.B"; later: "... GLOBAL a.B ..."); none for a damaged file."""
+    if "weights only load failed" not in str(exc).lower():
+        return []
+    return list(dict.fromkeys(re.findall(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(exc))))
 
 
 def load_first_readable(paths: Iterable[str | os.PathLike], warn: Callable[[str], None] = print,

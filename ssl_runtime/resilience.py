@@ -192,26 +192,32 @@ class NonFiniteLoss(SystemExit):
 
 
 class StepHealth:
-    """Remembers on the device whether any loss was NaN/inf, and watches the fp16 loss scale.
+    """Counts on the device the losses that were NaN/inf, and watches the fp16 loss scale.
 
     Both are read only when the host waits anyway (print steps, before saving, end of epoch), so
     the training step never synchronises. A non-finite loss stops the run before the next save,
-    which leaves the last good checkpoint in place.
+    which leaves the last good checkpoint in place; with stop=False the loop skips those steps
+    instead (see moby/engine.py) and they are only reported.
     """
 
     def __init__(self, device: torch.device, advice: str, scaler=None,
-                 log: Callable[[str], None] = print):
-        self.seen = torch.zeros((), dtype=torch.bool, device=device)
-        self.advice, self.scaler, self.log = advice, scaler, log
+                 log: Callable[[str], None] = print, stop: bool = True):
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        self.advice, self.scaler, self.log, self.stop = advice, scaler, log, stop
         self.last_loss: torch.Tensor | None = None
         self.last_scale: float | None = None
 
     def record(self, loss: torch.Tensor) -> None:
         self.last_loss = loss.detach()
-        self.seen |= ~torch.isfinite(self.last_loss)
+        self.seen += ~torch.isfinite(self.last_loss)
 
     def check(self, iteration: int, loss: torch.Tensor | None = None) -> None:
-        if bool(self.seen):
+        count = int(self.seen)
+        if count and not self.stop:
+            self.log(f"skipped {count} optimizer step(s) with a non-finite loss by iteration {iteration}")
+            self.seen.zero_()
+            count = 0
+        if count:
             value = (loss if loss is not None else self.last_loss)
             shown = f"{value.item()}" if value is not None else "non-finite"
             # straight to stderr: every rank reports it, even where print() is silenced
