@@ -240,9 +240,9 @@ def train_step(student, teacher, dino_loss, images: list[torch.Tensor], optimize
 
 def set_schedule_values(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
     for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = lr
+        group["lr"] = float(lr)  # a Python number (the schedules are numpy): safe to unpickle
         if i == 0:  # only the first group is regularised
-            group["weight_decay"] = wd
+            group["weight_decay"] = float(wd)
 
 
 def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch,
