@@ -169,4 +169,4 @@ def upstream_attn_mask(resolution: tuple[int, int], window: tuple[int, int],
             regions[rows, cols] = 3 * i + j
     windows = regions.view(h // wh, wh, w // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
     different = windows[:, None, :] != windows[:, :, None]
-    return torch.where(different, -100.0, 0.0)
+    return torch.zeros(different.shape).masked_fill(different, -100.0)

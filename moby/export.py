@@ -33,7 +33,7 @@ from ssl_runtime.timm_interop import TimmSpec, swin_spec, vit_spec_of  # noqa: E
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Export a MoBY encoder for timm")
-    parser.add_argument("--pretrained", required=True, help="MoBY pre-training checkpoint")
+    parser.add_argument("--pretrained", required=True, help="MoBY pre-training checkpoint (.pth or .safetensors)")
     parser.add_argument("--cfg", default=None, metavar="FILE",
                         help="config of the checkpoint (default: the one stored in it)")
     parser.add_argument("--opts", default=None, nargs="+", help="KEY VALUE pairs changing --cfg")

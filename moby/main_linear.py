@@ -191,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drop-path-rate", type=float, default=0.2,
                         help="drop path rate of the frozen encoder during linear evaluation")
     parser.add_argument("--pretrained", default=None,
-                        help="MoBY checkpoint to evaluate (default: <output>/<MODEL.NAME>/<tag>/"
-                             "checkpoint.pth), or timm:<model name>: a randomly initialised timm model")
+                        help="MoBY checkpoint or exported encoder to evaluate (.pth or .safetensors; "
+                             "default: <output>/<MODEL.NAME>/<tag>/checkpoint.pth), or timm:<model "
+                             "name>: a randomly initialised timm model")
     parser.add_argument("--random-init", action="store_true",
                         help="train the head on the randomly initialised encoder (a baseline)")
     args, config = parse_config(parser, argv)
