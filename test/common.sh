@@ -111,6 +111,8 @@ flags (all optional, --name=value):
   --nproc=N           number of processes/devices (default: 1 for *_1p.sh, 8 for *_8p.sh)
   --cfg=FILE          MoBY YAML config
   --checkpoint=FILE   checkpoint to evaluate (eval_knn.sh, eval_linear.sh)
+  --trust_checkpoint  read a --checkpoint the safe loader refuses (an official full checkpoint, an
+                      older one of ours) with the full unpickler: only for files you trust
   --conda_name=NAME   conda environment to activate first
   --bin=, --more_path1=  accepted for compatibility with the Ascend scripts, ignored
   --dry_run           print the resolved settings and commands, run nothing
@@ -141,7 +143,7 @@ ssl_parse_args() {
     local mode=$1
     shift
     MODEL=dino DATA_PATH='' BATCH_SIZE='' EPOCHS='' STEPS='' DEVICE=auto NPROC='' CFG=''
-    CHECKPOINT='' CONDA_NAME='' DRY_RUN=0
+    CHECKPOINT='' CONDA_NAME='' DRY_RUN=0 TRUST=0
     local arg
     for arg in "$@"; do
         case $arg in
@@ -154,6 +156,7 @@ ssl_parse_args() {
             --nproc=*) NPROC=${arg#*=} ;;
             --cfg=*) CFG=${arg#*=} ;;
             --checkpoint=*) CHECKPOINT=${arg#*=} ;;
+            --trust_checkpoint) TRUST=1 ;;
             --conda_name=*) CONDA_NAME=${arg#*=} ;;
             --bin=* | --more_path1=*) ssl_note "${arg%%=*} is accepted for compatibility and ignored" ;;
             --dry_run) DRY_RUN=1 ;;
@@ -185,8 +188,9 @@ ssl_parse_args() {
         [[ -n $CHECKPOINT ]] || ssl_die "--checkpoint=FILE is required: the checkpoint to evaluate"
         [[ -f $CHECKPOINT ]] || ssl_die "--checkpoint=$CHECKPOINT: no such file"
         CHECKPOINT=$(ssl_abspath "$CHECKPOINT")
-    elif [[ -n $CHECKPOINT ]]; then
-        ssl_die "--checkpoint is for eval_knn.sh and eval_linear.sh; training scripts start from scratch"
+    elif [[ -n $CHECKPOINT || $TRUST == 1 ]]; then
+        ssl_die "--checkpoint is for eval_knn.sh and eval_linear.sh (--trust_checkpoint too); training" \
+            "scripts start from scratch"
     fi
 }
 
@@ -318,6 +322,9 @@ ssl_build_commands() {
         fi
     fi
     [[ $mode == eval_linear && -n $GIVEN_EPOCHS ]] && EVAL_CMD+=(--epochs "$EPOCHS")  # both spell it so
+    if [[ $TRUST == 1 ]]; then
+        if [[ $MODEL == dino ]]; then EVAL_CMD+=(--trust_checkpoint); else EVAL_CMD+=(--trust-checkpoint); fi
+    fi
 }
 
 ssl_print_settings() {

@@ -26,7 +26,7 @@ from moby import export as moby_export
 from moby import main_moby
 from moby.backbones import build_encoder
 from moby.checkpoint import load_pretrained_encoder
-from moby.config import get_config
+from moby.config import config_from_checkpoint, config_to_dict, get_config
 from moby.model import build_moby
 from ssl_runtime.monitor import TrainingMonitor
 from ssl_runtime.timm_interop import swin_spec, vit_spec
@@ -198,7 +198,7 @@ def _assert_moby_roundtrip(checkpoint: Path, key: str, out: Path, size: int, exp
     output = run_quietly(moby_export.main, ["--pretrained", str(checkpoint), "--checkpoint_key", key,
                                            "--output", str(out)])
     assert f"timm model: {expected_name}" in output
-    config = torch.load(checkpoint, weights_only=False)["config"]
+    config = config_from_checkpoint(torch.load(checkpoint, weights_only=True)["config"], str(checkpoint))
     ours = build_encoder(config, num_classes=0)
     load_pretrained_encoder(ours, checkpoint, __import__("logging").getLogger("t"), prefix=key + ".")
     call = _printed_call(output)
@@ -219,7 +219,7 @@ def test_moby_deit_checkpoint_exports_to_timm(tmp_path):
     torch.manual_seed(0)
     moby = build_moby(config, steps_per_epoch=1)
     checkpoint = tmp_path / "checkpoint.pth"
-    torch.save({"model": moby.state_dict(), "config": config, "epoch": 0}, checkpoint)  # save_checkpoint's keys
+    torch.save({"model": moby.state_dict(), "config": config_to_dict(config), "epoch": 0}, checkpoint)
     _assert_moby_roundtrip(checkpoint, "encoder", tmp_path / "deit", 32, "deit_tiny_patch16_224")
 
 
@@ -227,7 +227,7 @@ def test_export_refuses_swin_with_batchnorm_before_mlp(tmp_path, capsys):
     config = _moby_config("moby_swin_cpu.yaml", "MODEL.SWIN.NORM_BEFORE_MLP", "bn", "MODEL.SWIN.DEPTHS", "[1, 1]",
                           "MODEL.SWIN.NUM_HEADS", "[1, 2]", "MODEL.SWIN.EMBED_DIM", "12",
                           "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", "32")
-    torch.save({"model": build_moby(config, 1).state_dict(), "config": config}, tmp_path / "bn.pth")
+    torch.save({"model": build_moby(config, 1).state_dict(), "config": config_to_dict(config)}, tmp_path / "bn.pth")
     with pytest.raises(SystemExit) as exit_info:
         moby_export.main(["--pretrained", str(tmp_path / "bn.pth"), "--output", str(tmp_path / "x")])
     assert exit_info.value.code == 2
