@@ -16,12 +16,13 @@ import os
 from typing import Mapping
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, strip_prefixes
+from ssl_runtime.checkpoint import add_trust_arg, load_checkpoint, load_state_dict_checked, strip_prefixes
 from ssl_runtime.errors import UserError
 from ssl_runtime.timm_interop import create_timm_baseline, timm_model_name
+
+from .models import resample_pos_embed
 
 WRAPPER_PREFIXES = ("module.", "backbone.")
 HEAD_PREFIX = "head."
@@ -54,25 +55,26 @@ def backbone_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict, list[s
 
 
 def adapt_pos_embed(model: nn.Module, state: dict) -> bool:
-    """Resample a ViT position embedding trained at another resolution to the model's grid."""
+    """Resample a ViT position embedding trained at another resolution to the model's grid, as
+    upstream DINO does for inputs of that size (so features equal upstream's at that size)."""
     target = getattr(model, "pos_embed", None)
     source = state.get("pos_embed")
     if target is None or source is None or source.shape == target.shape:
         return False
-    prefix = getattr(model, "num_prefix_tokens", 1)
     if source.ndim != 3 or source.shape[-1] != target.shape[-1]:
         return False  # a different width: let the checked load report it
-    grid = model.patch_embed.grid_size
-    state["pos_embed"] = resample_abs_pos_embed(source, new_size=list(grid), num_prefix_tokens=prefix)
+    state["pos_embed"] = resample_pos_embed(source, tuple(model.patch_embed.grid_size))
     return True
 
 
-def load_pretrained_backbone(model: nn.Module, path: str, checkpoint_key: str | None = "teacher") -> None:
-    """Load backbone weights into a timm backbone, explaining any mismatch."""
+def load_pretrained_backbone(model: nn.Module, path: str, checkpoint_key: str | None = "teacher",
+                             trust: bool = False) -> None:
+    """Load backbone weights (.pth or .safetensors) into a timm backbone, explaining any mismatch;
+    `trust` (--trust_checkpoint) lets files the safe loader refuses be read."""
     if not os.path.isfile(path):
         raise UserError(f"--pretrained_weights {path} does not exist or is not a file: "
                         "point it at a checkpoint.pth written by main_dino.py or an official DINO file")
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, trust=trust)
     if not isinstance(checkpoint, Mapping):
         raise UserError(f"{path} does not hold a state dict (found {type(checkpoint).__name__})")
     state, dropped = backbone_state_dict(select_state_dict(checkpoint, checkpoint_key, path))
@@ -96,18 +98,21 @@ def add_pretrained_args(parser, patch_size: int = 16) -> None:
     parser.add_argument("--arch", default="vit_small", type=str, help="architecture of the backbone")
     parser.add_argument("--patch_size", default=patch_size, type=int, help="patch resolution of the model")
     parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="checkpoint to evaluate (ours or official; empty: random initialisation "
+                        help="checkpoint to evaluate (ours or official, .pth or .safetensors; empty: "
+                             "random initialisation "
                              "of --arch; timm:<model name>: a randomly initialised timm model, a baseline)")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help='key to use in a training checkpoint (e.g. "teacher" or "student")')
     parser.add_argument("--img_size", default=224, type=int,
                         help="evaluation image size (the model's native size; 224 for official weights)")
+    add_trust_arg(parser)
 
 
-def load_or_random(model: nn.Module, path: str, checkpoint_key: str | None, arch: str) -> None:
+def load_or_random(model: nn.Module, path: str, checkpoint_key: str | None, arch: str,
+                   trust: bool = False) -> None:
     """Load `path`, or say clearly that the random initialisation is being evaluated."""
     if path:
-        load_pretrained_backbone(model, path, checkpoint_key)
+        load_pretrained_backbone(model, path, checkpoint_key, trust)
         return
     # upstream downloads the reference weights here; without network access we cannot
     print(f"warning: no --pretrained_weights given: evaluating a randomly initialised {arch} "
@@ -123,7 +128,7 @@ def build_eval_backbone(args) -> nn.Module:
     if name is not None:
         return create_timm_baseline(name, args.img_size)
     model = build_backbone(args.arch, args.patch_size, args.img_size)
-    load_or_random(model, args.pretrained_weights, args.checkpoint_key, args.arch)
+    load_or_random(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.trust_checkpoint)
     return model
 
 

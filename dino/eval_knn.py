@@ -90,12 +90,12 @@ def extract_feature_pipeline(args: argparse.Namespace, ctx: DistContext):
     return train_features, test_features, train_labels, test_labels, len(dataset_train.classes)
 
 
-def load_saved_features(folder: str):
+def load_saved_features(folder: str, trust: bool = False):
     missing = [name for name in FEATURE_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing:
         raise UserError(f"--load_features {folder} lacks {', '.join(missing)}: write them first "
                         "with --dump_features")
-    tensors = [load_checkpoint(os.path.join(folder, name)) for name in FEATURE_FILES]
+    tensors = [load_checkpoint(os.path.join(folder, name), trust=trust) for name in FEATURE_FILES]
     num_classes = int(max(tensors[2].max(), tensors[3].max())) + 1
     return (*tensors, num_classes)
 
@@ -108,7 +108,7 @@ def eval_knn(args: argparse.Namespace) -> dict[int, tuple[float, float]]:
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
     if args.load_features:
-        train_f, test_f, train_y, test_y, num_classes = load_saved_features(args.load_features)
+        train_f, test_f, train_y, test_y, num_classes = load_saved_features(args.load_features, args.trust_checkpoint)
     else:
         train_f, test_f, train_y, test_y, num_classes = extract_feature_pipeline(args, ctx)
 

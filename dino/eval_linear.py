@@ -197,11 +197,11 @@ def build_data(args, ctx: DistContext):
     return train_loader, val_loader, len(dataset_val)
 
 
-def restart(path: Path, classifier: nn.Module, optimizer, scheduler) -> tuple[int, float]:
+def restart(path: Path, classifier: nn.Module, optimizer, scheduler, trust: bool = False) -> tuple[int, float]:
     if not path.is_file():
         return 0, 0.0
     print(f"Found checkpoint at {path}")
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, trust=trust)
     load_state_dict_checked(classifier, strip_prefixes(checkpoint["state_dict"], ("module.",)),
                             what=f"linear classifier in {path}")
     if optimizer is not None:
@@ -238,7 +238,7 @@ def eval_linear(args: argparse.Namespace) -> float:
         if not ckpt_path.is_file():
             raise UserError(f"--evaluate needs a trained linear head in {ckpt_path}: run without "
                             "--evaluate first (the reference heads cannot be downloaded here)")
-        restart(ckpt_path, classifier, None, None)
+        restart(ckpt_path, classifier, None, None, args.trust_checkpoint)
         stats = validate_network(val_loader, features, classifier, ctx, args.num_labels)
         print(f"Accuracy of the network on the {n_val} test images: {stats['acc1']:.1f}%")
         return stats["acc1"]
@@ -248,7 +248,7 @@ def eval_linear(args: argparse.Namespace) -> float:
                                 args.lr * args.batch_size_per_gpu * ctx.world_size / 256.0,  # linear scaling
                                 momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
-    start_epoch, best_acc = restart(ckpt_path, classifier, optimizer, scheduler)
+    start_epoch, best_acc = restart(ckpt_path, classifier, optimizer, scheduler, args.trust_checkpoint)
     monitor = TrainingMonitor(output_dir / TENSORBOARD_DIR, ctx.is_main, enabled=args.tensorboard)
 
     for epoch in range(start_epoch, args.epochs):
@@ -270,7 +270,7 @@ def eval_linear(args: argparse.Namespace) -> float:
                 f.write(json.dumps(log_stats) + "\n")
             save_atomic({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "best_acc": best_acc}, ckpt_path)
+                         "best_acc": float(best_acc)}, ckpt_path)
     monitor.close()
     print("Training of the supervised linear classifier on frozen features completed.\n"
           f"Top-1 test accuracy: {best_acc:.1f}")

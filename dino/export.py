@@ -21,7 +21,7 @@ from collections.abc import Mapping  # noqa: E402
 
 from dino.checkpoints import load_pretrained_backbone  # noqa: E402
 from dino.models import build_backbone, canonical_arch, is_vit  # noqa: E402
-from ssl_runtime.checkpoint import load_checkpoint  # noqa: E402
+from ssl_runtime.checkpoint import add_trust_arg, load_checkpoint  # noqa: E402
 from ssl_runtime.errors import UserError, main_entry  # noqa: E402
 from ssl_runtime.export import add_export_args, export_backbone  # noqa: E402
 from ssl_runtime.timm_interop import TimmSpec, vit_spec_of  # noqa: E402
@@ -32,7 +32,8 @@ DEFAULTS = {"arch": "vit_small", "patch_size": 16, "img_size": 224}
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Export a DINO backbone for timm")
     parser.add_argument("--pretrained_weights", required=True,
-                        help="checkpoint.pth written by main_dino.py, or an official DINO file")
+                        help="checkpoint.pth written by main_dino.py, or an official DINO file "
+                             "(.pth or .safetensors)")
     parser.add_argument("--checkpoint_key", default="teacher",
                         help='"teacher" or "student" in a training checkpoint')
     parser.add_argument("--arch", default=None, help="default: from the checkpoint, else vit_small")
@@ -40,19 +41,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img_size", default=None, type=int,
                         help="image size of the exported position embedding "
                              "(default: from the checkpoint, else 224)")
+    add_trust_arg(parser)
     add_export_args(parser)
     return parser
 
 
 def fill_architecture(args: argparse.Namespace) -> None:
-    """Missing architecture flags come from the training arguments saved in our checkpoints."""
-    stored = None
+    """Missing architecture flags come from the training arguments saved in our checkpoints
+    (a dict; an argparse Namespace in older and upstream's full checkpoints)."""
+    stored = {}
     if any(getattr(args, name) is None for name in DEFAULTS):
-        checkpoint = load_checkpoint(args.pretrained_weights)
+        checkpoint = load_checkpoint(args.pretrained_weights, trust=args.trust_checkpoint)
         stored = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
+        stored = vars(stored) if isinstance(stored, argparse.Namespace) else stored or {}
     for name, default in DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, getattr(stored, name, default))
+            setattr(args, name, stored.get(name, default))
     args.arch = canonical_arch(args.arch)
     if is_vit(args.arch) and args.img_size % args.patch_size:
         raise UserError(f"--patch_size {args.patch_size} does not divide --img_size {args.img_size}")
@@ -67,7 +71,7 @@ def timm_spec(model, arch: str) -> TimmSpec:
 def export(args: argparse.Namespace):
     fill_architecture(args)
     model = build_backbone(args.arch, args.patch_size, args.img_size)
-    load_pretrained_backbone(model, args.pretrained_weights, args.checkpoint_key)
+    load_pretrained_backbone(model, args.pretrained_weights, args.checkpoint_key, args.trust_checkpoint)
     source = f"{args.pretrained_weights} ({args.checkpoint_key}, {args.arch})"
     return export_backbone(model, timm_spec(model, args.arch), args, args.img_size, source)
 

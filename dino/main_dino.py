@@ -30,7 +30,7 @@ from dino.checkpoints import load_training_state  # noqa: E402
 from dino.loss import DINOLoss  # noqa: E402
 from dino.models import build_dino_networks, canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
-from ssl_runtime.checkpoint import load_first_readable, previous_path, save_atomic  # noqa: E402
+from ssl_runtime.checkpoint import add_trust_arg, load_first_readable, previous_path, save_atomic  # noqa: E402
 from ssl_runtime.data import (SafeImageFolder, build_loader, limit_images, resolve_data_path,  # noqa: E402
                               set_loader_epoch)
 from ssl_runtime.device import add_device_arg, compile_module  # noqa: E402
@@ -130,6 +130,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensorboard", default=True, type=bool_flag,
                         help="write TensorBoard scalars to <output_dir>/tensorboard (rank 0, when the "
                              "tensorboard package is installed)")
+    add_trust_arg(parser)  # (ours) resuming from a checkpoint the safe loader refuses
     add_launcher_args(parser)
     add_device_arg(parser)
     return parser
@@ -246,9 +247,9 @@ def train_step(student, teacher, dino_loss, images: list[torch.Tensor], optimize
 
 def set_schedule_values(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
     for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = lr
+        group["lr"] = float(lr)  # a Python number (the schedules are numpy): safe to unpickle
         if i == 0:  # only the first group is regularised
-            group["weight_decay"] = wd
+            group["weight_decay"] = float(wd)
 
 
 def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch,
@@ -317,10 +318,10 @@ def resume_candidates(output_dir: Path) -> list[Path]:
 
 
 def restart_from_checkpoint(output_dir: Path, student, teacher, optimizer, mp, dino_loss,
-                            device_type: str = "cpu") -> tuple[int, int]:
+                            device_type: str = "cpu", trust: bool = False) -> tuple[int, int]:
     """Resume everything from the newest readable checkpoint in output_dir (checkpoint.pth
     normally); returns (epoch, batches of that epoch already done)."""
-    found = load_first_readable(resume_candidates(output_dir))
+    found = load_first_readable(resume_candidates(output_dir), trust=trust)
     if found is None:
         return 0, 0
     checkpoint, path = found
@@ -373,7 +374,7 @@ def save_checkpoint(args, epoch_to_resume: int, student, teacher, optimizer, mp,
         "teacher": teacher.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch_to_resume,
-        "args": args,
+        "args": dict(vars(args)),  # a plain dict (upstream: the Namespace), for the safe loader
         "dino_loss": dino_loss.state_dict(),
         "epoch_step": epoch_step,  # (ours) batches of `epoch` already done: a mid-epoch resume
         "rng": rng_state(ctx.device_type),  # (ours) so a resumed run draws what it would have
@@ -418,7 +419,8 @@ def train_dino(args: argparse.Namespace) -> None:
 
     # ============ resume ============
     start_epoch, start_step = restart_from_checkpoint(Path(args.output_dir), student, teacher,
-                                                      optimizer, mp, dino_loss, ctx.device_type)
+                                                      optimizer, mp, dino_loss, ctx.device_type,
+                                                      args.trust_checkpoint)
     skip_batches(data_loader, start_step)
 
     def save_at(epoch_to_resume: int, epoch_step: int) -> None:

@@ -1,27 +1,30 @@
-"""DINO networks: timm backbones, the DINO projection head and the multi-crop wrapper."""
+"""DINO networks: timm ViTs (with upstream's initialisation and position-embedding resampling),
+torchvision's ResNet-50, the DINO projection head and the multi-crop wrapper."""
 
 from __future__ import annotations
 
 import math
 
-import timm
 import torch
 import torch.nn.functional as F
+import torchvision
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ssl_runtime.errors import UserError
 
-# Upstream's ViT sizes (vision_transformer.py) map 1:1 onto timm's registered ViTs; the patch size
-# and image size are passed as timm kwargs, so any patch size works. vit_pico (2 blocks of width 96)
-# is not upstream: it makes CPU runs on 32-pixel images affordable.
-VIT_ARCHS: dict[str, tuple[str, dict]] = {
-    "vit_tiny": ("vit_tiny_patch16_224", {}),
-    "vit_small": ("vit_small_patch16_224", {}),
-    "vit_base": ("vit_base_patch16_224", {}),
-    "vit_pico": ("vit_tiny_patch16_224", {"embed_dim": 96, "depth": 2, "num_heads": 3}),
+# Upstream's ViT sizes (vision_transformer.py: vit_tiny, vit_small, vit_base); timm's defaults give
+# the rest (qkv bias, MLP ratio 4, GELU, LayerNorm eps 1e-6). Any patch size works. vit_pico
+# (2 blocks of width 96) is not upstream: it makes CPU runs on 32-pixel images affordable.
+VIT_ARCHS: dict[str, dict] = {
+    "vit_tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
+    "vit_small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "vit_pico": {"embed_dim": 96, "depth": 2, "num_heads": 3},
 }
-CNN_ARCHS: dict[str, str] = {"resnet50": "resnet50"}
-ARCH_CHOICES = tuple(VIT_ARCHS) + tuple(CNN_ARCHS)
+CNN_ARCHS = ("resnet50",)
+ARCH_CHOICES = tuple(VIT_ARCHS) + CNN_ARCHS
 
 
 def canonical_arch(arch: str) -> str:
@@ -39,26 +42,62 @@ def is_vit(arch: str) -> bool:
 
 def backbone_is_vit(model: nn.Module) -> bool:
     """A timm VisionTransformer (ours or a timm baseline): [CLS] tokens per block are available."""
-    from timm.models.vision_transformer import VisionTransformer
-
     return isinstance(model, VisionTransformer)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Upstream DINO's interpolate_pos_encoding: the [CLS] entry as is, the square patch grid
+    resized bicubically to `grid` (rows, columns) with scale factor (n + 0.1) / sqrt(N), no
+    antialiasing. The 0.1 makes the output size floor to n (facebookresearch/dino#8); as a scale
+    factor it also sets where the samples fall, so the result differs from resizing to n x n."""
+    rows, cols = grid
+    num_patches = pos_embed.shape[1] - 1
+    if rows == cols and rows * cols == num_patches:
+        return pos_embed
+    side, dim = math.sqrt(num_patches), pos_embed.shape[-1]
+    patches = pos_embed[:, 1:].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
+                            mode="bicubic")
+    patches = patches.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(pos_embed.dtype)
+    return torch.cat((pos_embed[:, :1], patches), dim=1)
+
+
+class DinoVisionTransformer(VisionTransformer):
+    """timm's ViT with upstream DINO's initialisation and position-embedding resampling.
+
+    timm resamples the position embedding for other input sizes with antialiasing, to the exact
+    grid; upstream does not (resample_pos_embed), and the features differ at every size but the
+    native one (local crops, attention maps at 480 px). Built with dynamic_img_size, so the patch
+    embedding accepts any multiple of the patch size and hands over a [B, rows, cols, C] grid.
+    """
+
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        super().init_weights(mode, needs_reset)
+        trunc_normal_(self.cls_token, std=0.02)  # upstream; timm draws it from N(0, 1e-6)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        batch, rows, cols, dim = x.shape
+        tokens = torch.cat((self.cls_token.expand(batch, -1, -1), x.view(batch, -1, dim)), dim=1)
+        return self.pos_drop(tokens + resample_pos_embed(self.pos_embed, (rows, cols)))
 
 
 def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224,
                    drop_path_rate: float = 0.0) -> nn.Module:
     """A backbone returning one feature vector per image (ViT: final-norm CLS token; CNN: pooled).
 
-    ViTs are built for `img_size`, so crops of that size use the position embedding as is; other
-    sizes (local crops, evaluation) are resampled by timm's dynamic_img_size.
+    ViTs are built for `img_size`: crops of that size use the position embedding as is, other sizes
+    resample it as upstream does. ResNet-50 is torchvision's, as upstream trains it: no stochastic
+    depth (upstream passes --drop_path_rate to ViTs only), default initialisation.
     """
     arch = canonical_arch(arch)
     if arch in VIT_ARCHS:
-        timm_name, sizes = VIT_ARCHS[arch]
-        return timm.create_model(timm_name, pretrained=False, num_classes=0, patch_size=patch_size,
-                                 img_size=img_size, dynamic_img_size=True,
-                                 drop_path_rate=drop_path_rate, **sizes)
-    return timm.create_model(CNN_ARCHS[arch], pretrained=False, num_classes=0,
-                             drop_path_rate=drop_path_rate)
+        return DinoVisionTransformer(img_size=img_size, patch_size=patch_size, num_classes=0,
+                                     dynamic_img_size=True, drop_path_rate=drop_path_rate,
+                                     **VIT_ARCHS[arch])
+    model = torchvision.models.resnet50()
+    model.num_features = model.fc.in_features
+    model.fc = nn.Identity()  # upstream's MultiCropWrapper does the same: pooled 2048-d features
+    return model
 
 
 def trunc_normal_init(module: nn.Module) -> None:

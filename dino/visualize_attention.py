@@ -137,7 +137,7 @@ def visualize(args: argparse.Namespace) -> list[Path]:
         raise UserError(f"--threshold is a fraction of the attention mass in (0, 1], got {args.threshold}")
     ctx = single_process_context(args.device)
     model = build_backbone(args.arch, args.patch_size, args.img_size)
-    load_or_random(model, args.pretrained_weights, args.checkpoint_key, args.arch)
+    load_or_random(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.trust_checkpoint)
     model = model.to(ctx.device).eval()
     for p in model.parameters():
         p.requires_grad = False
@@ -219,7 +219,7 @@ def visualize_batch(args: argparse.Namespace) -> Path:
         raise UserError(f"--image_size must be at least the patch size {args.patch_size}")
     ctx = single_process_context(args.device)
     model = build_backbone(args.arch, args.patch_size, args.img_size)
-    load_or_random(model, args.pretrained_weights, args.checkpoint_key, args.arch)
+    load_or_random(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.trust_checkpoint)
     model = model.to(ctx.device).eval()
 
     originals = [load_rgb(path).resize((width, height), Image.Resampling.BICUBIC) for path in paths]

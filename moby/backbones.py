@@ -7,8 +7,10 @@ classifier in a submodule named `head` otherwise, as upstream's models do.
 
 from __future__ import annotations
 
+import re
+
 import torch
-from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from yacs.config import CfgNode
@@ -103,12 +105,68 @@ def build_encoder(config: CfgNode, num_classes: int = 0, drop_path_rate: float =
     return model
 
 
+# ----------------------------------------------------------------------------- upstream's key layout
+# Upstream's Swin (Transformer-SSL models/swin_transformer.py) and timm's hold the same tensors
+# under different keys: upstream merges patches at the END of stage i (timm: at the start of
+# stage i + 1), names the classifier `head` (timm: `head.fc`) and stores two buffers timm
+# recomputes: each block's relative_position_index and, in shifted blocks, attn_mask. Upstream's
+# DeiT is timm's VisionTransformer, whose keys have not changed.
+
 def is_official_swin_layout(state_dict: dict) -> bool:
-    """Upstream's Swin keeps relative_position_index buffers and downsamples at the END of a stage."""
+    """Upstream's Swin keys: relative_position_index buffers, downsampling at the END of a stage."""
     return any(k.endswith("relative_position_index") or k.endswith("attn_mask") for k in state_dict) \
         or "layers.0.downsample.reduction.weight" in state_dict
 
 
+def _rename(key: str, stage_shift: int, head: tuple[str, str]) -> str:
+    key = re.sub(r"^layers\.(\d+)\.downsample\.",
+                 lambda m: f"layers.{int(m.group(1)) + stage_shift}.downsample.", key)
+    return head[1] + key[len(head[0]):] if key.startswith(head[0]) else key
+
+
 def convert_official_swin(state_dict: dict, model: nn.Module) -> dict:
-    """Keys of upstream's Swin -> timm's (timm's own filter: drops buffers, moves downsample)."""
-    return checkpoint_filter_fn(state_dict, model)
+    """Upstream's keys -> timm's (the buffers are dropped: timm recomputes them)."""
+    if not isinstance(model, SwinTransformer):
+        return dict(state_dict)
+    return {_rename(k, +1, ("head.", "head.fc.")): v for k, v in state_dict.items()
+            if not k.endswith(("relative_position_index", "attn_mask"))}
+
+
+def to_official_swin(state_dict: dict, model: nn.Module) -> dict:
+    """timm's keys -> upstream's, with the buffers upstream's model holds, computed as it does."""
+    if not isinstance(model, SwinTransformer):
+        return dict(state_dict)
+    out = {_rename(k, -1, ("head.fc.", "head.")): v for k, v in state_dict.items()}
+    for i, stage in enumerate(model.layers):
+        for j, block in enumerate(stage.blocks):
+            prefix = f"layers.{i}.blocks.{j}."
+            out[prefix + "attn.relative_position_index"] = upstream_relative_position_index(block.window_size)
+            if any(block.shift_size):
+                out[prefix + "attn_mask"] = upstream_attn_mask(block.input_resolution, block.window_size,
+                                                               block.shift_size)
+    return out
+
+
+def upstream_relative_position_index(window: tuple[int, int]) -> torch.Tensor:
+    """(Wh*Ww, Wh*Ww) int64: for each (query, key) pair of a window, the row of the relative
+    position bias table, (dy + Wh - 1) * (2 Ww - 1) + dx + Ww - 1, as upstream's WindowAttention."""
+    wh, ww = window
+    rows, cols = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    return (rows[:, None] - rows[None, :] + wh - 1) * (2 * ww - 1) + (cols[:, None] - cols[None, :] + ww - 1)
+
+
+def upstream_attn_mask(resolution: tuple[int, int], window: tuple[int, int],
+                       shift: tuple[int, int]) -> torch.Tensor:
+    """(windows, Wh*Ww, Wh*Ww) float32 mask of a shifted block, as upstream's SwinTransformerBlock:
+    after the cyclic shift a window may join up to 4 image regions; tokens attend only within
+    their own region (0) and are kept apart across regions (-100)."""
+    (h, w), (wh, ww) = resolution, window
+    regions = torch.zeros(h, w)
+    bands = [(slice(0, -size), slice(-size, -s), slice(-s, None)) for size, s in zip(window, shift)]
+    for i, rows in enumerate(bands[0]):
+        for j, cols in enumerate(bands[1]):
+            regions[rows, cols] = 3 * i + j
+    windows = regions.view(h // wh, wh, w // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    different = windows[:, None, :] != windows[:, :, None]
+    return torch.zeros(different.shape).masked_fill(different, -100.0)

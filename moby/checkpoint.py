@@ -1,8 +1,12 @@
 """Checkpoints in upstream Transformer-SSL's layout, written atomically.
 
-A checkpoint is a dict: model (state dict), optimizer, lr_scheduler, max_accuracy, epoch (the
-last finished epoch), config (the merged yacs config) and amp (the loss-scaler state; upstream's
-key, from apex). `scaler` is accepted as another name for `amp` when reading.
+A checkpoint is a dict: model (the state dict, in upstream's key layout: see to_upstream_layout),
+optimizer, lr_scheduler, max_accuracy, epoch (the last finished epoch), config (the merged yacs
+config, as a plain nested dict: upstream stores the CfgNode object), amp (the loss-scaler state;
+upstream's key, from apex), and ours: epoch_step and rng (an exact, also mid-epoch, resume).
+Everything in it is a tensor or a plain Python value, so the safe (weights-only) unpickler reads
+it. Reading accepts both key layouts (upstream's and timm's, written by earlier versions), and
+`scaler` as another name for `amp`.
 """
 
 from __future__ import annotations
@@ -13,15 +17,22 @@ from pathlib import Path
 import torch
 from yacs.config import CfgNode
 
-from ssl_runtime.checkpoint import load_checkpoint as read_checkpoint
-from ssl_runtime.checkpoint import load_state_dict_checked, save_atomic
+from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, save_atomic
 from ssl_runtime.errors import UserError
 from ssl_runtime.resilience import rng_state
 
-from .backbones import convert_official_swin, is_official_swin_layout
+from .backbones import convert_official_swin, is_official_swin_layout, to_official_swin
+from .config import config_to_dict
 
 LATEST = "checkpoint.pth"
 ENCODER_PREFIXES = ("encoder.", "encoder_k.")
+TRUST_FLAG = "--trust-checkpoint"  # MODEL.TRUST_CHECKPOINT
+
+
+def read_checkpoint(path: str | Path, trust: bool = False):
+    """A checkpoint through the safe loader (see ssl_runtime.checkpoint.load_checkpoint);
+    `trust` (--trust-checkpoint, MODEL.TRUST_CHECKPOINT) also reads files it refuses."""
+    return load_checkpoint(path, trust=trust, trust_flag=TRUST_FLAG)
 
 
 def save_checkpoint(config: CfgNode, epoch: int, model: torch.nn.Module, max_accuracy: float,
@@ -37,12 +48,12 @@ def save_checkpoint(config: CfgNode, epoch: int, model: torch.nn.Module, max_acc
     if epoch_step:
         epoch -= 1
     state = {
-        "model": model.state_dict(),
+        "model": to_upstream_layout(model.state_dict(), model),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
-        "max_accuracy": max_accuracy,
+        "max_accuracy": float(max_accuracy),
         "epoch": epoch,
-        "config": config,
+        "config": config_to_dict(config),
         "amp": scaler.state_dict(),
         "epoch_step": epoch_step,  # (ours) iterations of the next epoch already done
         "rng": rng_state(device_type),  # (ours) so that a resumed run draws what it would have
@@ -76,20 +87,44 @@ def _encoder_part(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def is_official_moby(state: dict) -> bool:
-    return is_official_swin_layout(_encoder_part(state, "encoder."))
+def _encoders(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(key prefix, encoder) of a MoBY model (online and target), or ("", classifier)."""
+    if hasattr(model, "encoder_k"):
+        return [(prefix, getattr(model, prefix.rstrip("."))) for prefix in ENCODER_PREFIXES]
+    return [("", model)]
 
 
-def convert_official_moby(state: dict, model: torch.nn.Module) -> dict:
-    """Rewrite the encoder./encoder_k. parts of an official MoBY state dict (upstream's own Swin)
-    into timm's key layout; our own checkpoints pass through unchanged."""
-    out = {k: v for k, v in state.items() if not k.startswith(ENCODER_PREFIXES)}
-    for prefix in ENCODER_PREFIXES:
-        part = _encoder_part(state, prefix)
-        if part and is_official_swin_layout(part):
-            part = convert_official_swin(part, getattr(model, prefix.rstrip(".")))
-        out.update({prefix + k: v for k, v in part.items()})
-    return out
+def _map_encoders(state: dict, model: torch.nn.Module, convert) -> dict:
+    """convert(part, encoder) applied to the keys of each encoder; the other keys unchanged."""
+    rest, out = dict(state), {}
+    for prefix, encoder in _encoders(model):
+        part = {k: rest.pop(prefix + k) for k in list(_encoder_part(rest, prefix))}
+        if part:
+            out.update({prefix + k: v for k, v in convert(part, encoder).items()})
+    return {**out, **rest}
+
+
+def to_upstream_layout(state: dict, model: torch.nn.Module) -> dict:
+    """Our (timm) state dict of a MoBY model or linear classifier under upstream's keys, with
+    the buffers upstream's Swin stores (moby/backbones.py), so that upstream's moby_linear.py
+    and moby_main.py load it with strict=True."""
+    return _map_encoders(state, model, to_official_swin)
+
+
+def from_upstream_layout(state: dict, model: torch.nn.Module) -> dict:
+    """The inverse: upstream's keys (ours since this layout, official checkpoints) to timm's;
+    timm-layout parts (earlier versions of ours) pass through unchanged."""
+    def convert(part, encoder):
+        return convert_official_swin(part, encoder) if is_official_swin_layout(part) else part
+
+    return _map_encoders(state, model, convert)
+
+
+def is_official_checkpoint(checkpoint: dict) -> bool:
+    """Written by upstream (or Huawei's port, which keeps upstream's code): upstream's key layout
+    without our own entries (ours in that layout always carry `epoch_step`)."""
+    encoder = _encoder_part(checkpoint["model"], "encoder.") or checkpoint["model"]
+    return is_official_swin_layout(encoder) and "epoch_step" not in checkpoint
 
 
 def resume(config: CfgNode, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
@@ -98,11 +133,11 @@ def resume(config: CfgNode, model: torch.nn.Module, optimizer: torch.optim.Optim
     optimizer, scheduler, scaler and TRAIN.START_EPOCH = epoch + 1). Returns the stored max accuracy."""
     logger.info(f"==============> Resuming form {config.MODEL.RESUME}....................")
     if checkpoint is None:
-        checkpoint = read_checkpoint(config.MODEL.RESUME)
+        checkpoint = read_checkpoint(config.MODEL.RESUME, config.MODEL.TRUST_CHECKPOINT)
     if "model" not in checkpoint:
         raise UserError(f"{config.MODEL.RESUME} has no 'model' entry: it is not a MoBY checkpoint")
-    official = is_official_moby(checkpoint["model"])
-    state = convert_official_moby(checkpoint["model"], model)
+    official = is_official_checkpoint(checkpoint)
+    state = from_upstream_layout(checkpoint["model"], model)
     load_state_dict_checked(model, state, f"checkpoint {config.MODEL.RESUME}")
     max_accuracy = 0.0
     if official:
@@ -125,15 +160,21 @@ def resume(config: CfgNode, model: torch.nn.Module, optimizer: torch.optim.Optim
 
 
 def load_pretrained_encoder(model: torch.nn.Module, path: str | Path, logger: logging.Logger,
-                            prefix: str = "encoder.") -> None:
+                            prefix: str = "encoder.", trust: bool = False) -> None:
     """The online encoder (`encoder.*`, or another prefix such as the target's `encoder_k.`) of a
-    MoBY checkpoint into a backbone or classifier; a classifier's head stays freshly initialised."""
-    checkpoint = read_checkpoint(path)
-    encoder = _encoder_part(checkpoint.get("model", checkpoint), prefix)
+    MoBY checkpoint into a backbone or classifier; a classifier's head stays freshly initialised.
+
+    A file holding a bare encoder state dict (moby/export.py's .safetensors or .pth) is loaded
+    as the encoder itself. `trust`: see read_checkpoint.
+    """
+    checkpoint = read_checkpoint(path, trust)
+    state = checkpoint.get("model", checkpoint)
+    encoder = _encoder_part(state, prefix)
+    if not encoder and "model" not in checkpoint and not any(k.startswith(ENCODER_PREFIXES) for k in state):
+        encoder = dict(state)
     if not encoder:
         raise UserError(f"{path} holds no '{prefix}' weights: pass a MoBY pre-training checkpoint")
-    if is_official_swin_layout(encoder):
-        encoder = convert_official_swin(encoder, model)
+    encoder = from_upstream_layout(encoder, model)
     encoder = {k: v for k, v in encoder.items() if not k.startswith("head.")}
     load_state_dict_checked(model, encoder, f"{prefix.rstrip('.')} of {path}", ignore_missing=("head.",))
     logger.info(f"loaded pretrained checkpoint from: {path}")

@@ -12,12 +12,14 @@ import os
 
 from yacs.config import CfgNode
 
+from ssl_runtime.checkpoint import add_trust_arg
 from ssl_runtime.device import add_device_arg
 from ssl_runtime.distributed import DistContext, add_launcher_args, init_distributed
 from ssl_runtime.errors import UserError
 from ssl_runtime.logs import setup_logger
 from ssl_runtime.misc import seed_everything
 
+from .checkpoint import TRUST_FLAG
 from .config import get_config, save_config, set_values
 
 
@@ -34,6 +36,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--cache-mode", type=str, default=None, choices=["no", "full", "part"],
                         help="upstream's in-memory cache of the zip dataset: not supported")
     parser.add_argument("--resume", help="resume from checkpoint")
+    add_trust_arg(parser, TRUST_FLAG)  # (ours) MODEL.TRUST_CHECKPOINT
     parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
     parser.add_argument("--use-checkpoint", action="store_true",
                         help="whether to use gradient checkpointing to save memory")

@@ -43,6 +43,10 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = "swin"  # 'moby' for pre-training, 'linear' for linear evaluation
 _C.MODEL.NAME = "swin_tiny_patch4_window7_224"
 _C.MODEL.RESUME = ""
+# (ours) --trust-checkpoint: read checkpoints the safe (weights-only) loader refuses, such as
+# upstream's (they hold the yacs config object) or this project's before it wrote plain values,
+# with the full unpickler, which runs any code the file carries. Only for files you trust.
+_C.MODEL.TRUST_CHECKPOINT = False
 _C.MODEL.NUM_CLASSES = 1000  # replaced by the dataset's class count
 _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
@@ -95,6 +99,14 @@ _C.TRAIN.MIN_LR = 5e-6
 _C.TRAIN.CLIP_GRAD = 5.0
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 0
+# (ours) Pre-training only: True accumulates the gradients of ACCUMULATION_STEPS iterations into
+# one optimizer step. False (upstream's moby_main.py) steps every iteration; ACCUMULATION_STEPS then
+# only multiplies the learning rates. Linear evaluation always accumulates (moby_linear.py does).
+_C.TRAIN.REAL_ACCUMULATION = False
+# (ours) A NaN/inf loss stops the run (the last checkpoint is kept). True skips the optimizer step
+# of such an iteration instead and goes on, as upstream does under apex mixed precision (its
+# dynamic loss scaler skips steps whose gradients overflow); skipped steps are logged.
+_C.TRAIN.SKIP_NON_FINITE = False
 _C.TRAIN.USE_CHECKPOINT = False
 # (ours, Ascend --steps) stop after this many optimizer steps; 0 = no limit.
 _C.TRAIN.STEPS = 0
@@ -219,6 +231,7 @@ _CLI_OVERRIDES = (
     ("zip", "DATA.ZIP_MODE"),
     ("cache_mode", "DATA.CACHE_MODE"),
     ("resume", "MODEL.RESUME"),
+    ("trust_checkpoint", "MODEL.TRUST_CHECKPOINT"),
     ("accumulation_steps", "TRAIN.ACCUMULATION_STEPS"),
     ("use_checkpoint", "TRAIN.USE_CHECKPOINT"),
     ("amp_opt_level", "AMP_OPT_LEVEL"),
@@ -322,6 +335,28 @@ def save_config(config: CN, output_dir: str | os.PathLike) -> Path:
     path = Path(output_dir) / "config.json"
     path.write_text(config.dump())
     return path
+
+
+def config_to_dict(config: CN) -> dict:
+    """The config as nested plain dicts, which the safe (weights-only) unpickler reads."""
+    return {k: config_to_dict(v) if isinstance(v, CN) else v for k, v in config.items()}
+
+
+def config_from_checkpoint(stored, source: str) -> CN:
+    """The config stored in a checkpoint (a dict: ours; a CfgNode: upstream's and our earlier
+    ones; YAML text), merged over today's defaults so that keys added since still get a value."""
+    if isinstance(stored, str):
+        stored = yaml.safe_load(stored)
+    if not isinstance(stored, dict):
+        raise UserError(f"{source} stores no config: pass the one it was trained with, "
+                        "--cfg configs/<name>.yaml")
+    config = default_config()
+    try:
+        config.merge_from_other_cfg(CN(stored))
+    except (KeyError, ValueError, AssertionError) as exc:
+        raise _explain_merge_error(exc, source) from exc
+    config.freeze()
+    return config
 
 
 def set_values(config: CN, **dotted_values) -> None:

@@ -18,13 +18,12 @@ from yacs.config import CfgNode
 from ssl_runtime import device as devices
 from ssl_runtime.amp import MixedPrecision
 from ssl_runtime.distributed import DistContext
-from ssl_runtime.checkpoint import load_checkpoint as read_checkpoint
 from ssl_runtime.checkpoint import load_first_readable
 from ssl_runtime.meters import AverageMeter, SmoothedValue, ThroughputMeter
 from ssl_runtime.resilience import StepCheckpointer, StepHealth, restore_rng_state
 from ssl_runtime.monitor import TrainingMonitor
 
-from .checkpoint import auto_resume_candidates, resume
+from .checkpoint import TRUST_FLAG, auto_resume_candidates, read_checkpoint, resume
 from .config import set_values
 
 THROUGHPUT_WARMUP_STEPS = 20  # the Ascend port also times only from the 20th iteration on
@@ -47,6 +46,8 @@ class TrainState:
     health: StepHealth | None = None
     checkpointer: StepCheckpointer | None = None
     monitor: TrainingMonitor = field(default_factory=TrainingMonitor.disabled)  # TensorBoard, epoch means
+    # (ours) TRAIN.SKIP_NON_FINITE: skip a step whose gradient is NaN/inf instead of stopping
+    skip_non_finite: bool = False
 
 
 def last_epoch(config: CfgNode) -> int:
@@ -64,11 +65,20 @@ def planned_iterations(config: CfgNode, steps_per_epoch: int, resume_step: int =
     return max(iterations, 0)
 
 
+def accumulation_steps(config: CfgNode) -> int:
+    """Iterations per optimizer step. Linear evaluation accumulates gradients over
+    ACCUMULATION_STEPS iterations, as upstream's moby_linear.py. Pre-training does only with
+    TRAIN.REAL_ACCUMULATION (ours): upstream's moby_main.py steps every iteration and lets
+    ACCUMULATION_STEPS scale the learning rates only, which is our default too."""
+    steps = max(config.TRAIN.ACCUMULATION_STEPS, 1)
+    return steps if config.MODEL.TYPE == "linear" or config.TRAIN.REAL_ACCUMULATION else 1
+
+
 def prepare_budget(config: CfgNode, state: TrainState, steps_per_epoch: int) -> None:
     """Set the iteration budget and tell the throughput meter when the run ends."""
     state.iterations_left = planned_iterations(config, steps_per_epoch, state.resume_step)
     meter = state.throughput
-    meter.total_steps = state.iterations_left // max(config.TRAIN.ACCUMULATION_STEPS, 1)
+    meter.total_steps = state.iterations_left // accumulation_steps(config)
     meter.warmup_steps = max(min(THROUGHPUT_WARMUP_STEPS, meter.total_steps // 2), 1)
 
 
@@ -77,11 +87,20 @@ def optimizer_step(params: list[torch.Tensor], state: TrainState, clip_grad: flo
     scaler = state.mp.scaler
     scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else math.inf)
-    scaler.step(state.optimizer)
+    if _step_allowed(state, grad_norm):
+        scaler.step(state.optimizer)
     scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
     state.throughput.step()
     return grad_norm.detach()
+
+
+def _step_allowed(state: TrainState, grad_norm: torch.Tensor) -> bool:
+    """False for a NaN/inf gradient under TRAIN.SKIP_NON_FINITE. A loss scaler (fp16, apex)
+    skips those steps itself; without one the norm is read, one host sync per step."""
+    if not state.skip_non_finite or state.mp.scaler.is_enabled():
+        return True
+    return bool(torch.isfinite(grad_norm))
 
 
 LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
@@ -109,14 +128,15 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
                     state: TrainState, compute_loss: LossFn) -> bool:
     """One epoch of compute_loss(model, batch) -> backward -> clipped step -> per-step lr update.
 
-    With ACCUMULATION_STEPS > 1 the loss is divided by it and the optimizer steps every that many
-    iterations (upstream clips at every micro-step; clipping the summed gradient once is what
-    the clip is meant to do). Returns True when the iteration budget (--steps) ran out.
+    When gradients are accumulated (accumulation_steps > 1) the loss is divided by their number
+    and the optimizer steps every that many iterations (upstream clips at every micro-step;
+    clipping the summed gradient once is what the clip is meant to do). Returns True when the
+    iteration budget (--steps) ran out.
     """
     model.train()
     state.optimizer.zero_grad(set_to_none=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
+    accumulation = accumulation_steps(config)
     num_steps = len(loader)
     batch_time = AverageMeter()
     # device tensors, read (one host sync) only when a line is printed
@@ -178,7 +198,8 @@ def maybe_resume(config: CfgNode, model: torch.nn.Module, state: TrainState) -> 
     logger = state.logger
     checkpoint = None
     if config.TRAIN.AUTO_RESUME:
-        found = load_first_readable(auto_resume_candidates(config.OUTPUT), warn=logger.warning)
+        found = load_first_readable(auto_resume_candidates(config.OUTPUT), warn=logger.warning,
+                                    trust=config.MODEL.TRUST_CHECKPOINT, trust_flag=TRUST_FLAG)
         if found:
             checkpoint, path = found
             if config.MODEL.RESUME:
@@ -190,7 +211,7 @@ def maybe_resume(config: CfgNode, model: torch.nn.Module, state: TrainState) -> 
     if not config.MODEL.RESUME:
         return 0.0
     if checkpoint is None:
-        checkpoint = read_checkpoint(config.MODEL.RESUME)
+        checkpoint = read_checkpoint(config.MODEL.RESUME, config.MODEL.TRUST_CHECKPOINT)
     max_accuracy = resume(config, model, state.optimizer, state.lr_scheduler, state.mp.scaler, logger,
                           checkpoint)
     if not config.EVAL_MODE and "optimizer" in checkpoint:

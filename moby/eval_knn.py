@@ -55,7 +55,7 @@ def load_encoder(config: CfgNode, path: str | None, key: str, logger: logging.Lo
     if path is None:
         logger.info("no --pretrained checkpoint: evaluating the randomly initialised encoder")
         return encoder
-    load_pretrained_encoder(encoder, path, logger, prefix=key + ".")
+    load_pretrained_encoder(encoder, path, logger, prefix=key + ".", trust=config.MODEL.TRUST_CHECKPOINT)
     return encoder
 
 
@@ -63,7 +63,8 @@ def load_encoder(config: CfgNode, path: str | None, key: str, logger: logging.Lo
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("k-NN evaluation of a MoBY encoder")
     parser.add_argument("--pretrained", default=None,
-                        help="MoBY checkpoint (default: <output>/<MODEL.NAME>/<tag>/checkpoint.pth), "
+                        help="MoBY checkpoint or exported encoder (.pth or .safetensors; default: "
+                             "<output>/<MODEL.NAME>/<tag>/checkpoint.pth), "
                              "or timm:<model name> for a randomly initialised timm model (a baseline)")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate the encoder at random initialisation (a baseline)")

@@ -23,9 +23,9 @@ from collections.abc import Mapping  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
 from moby.backbones import build_encoder  # noqa: E402
-from moby.checkpoint import load_pretrained_encoder  # noqa: E402
-from moby.config import get_config  # noqa: E402
-from ssl_runtime.checkpoint import load_checkpoint  # noqa: E402
+from moby.checkpoint import TRUST_FLAG, load_pretrained_encoder, read_checkpoint  # noqa: E402
+from moby.config import config_from_checkpoint, get_config  # noqa: E402
+from ssl_runtime.checkpoint import add_trust_arg  # noqa: E402
 from ssl_runtime.errors import UserError, main_entry  # noqa: E402
 from ssl_runtime.export import add_export_args, export_backbone  # noqa: E402
 from ssl_runtime.timm_interop import TimmSpec, swin_spec, vit_spec_of  # noqa: E402
@@ -33,12 +33,13 @@ from ssl_runtime.timm_interop import TimmSpec, swin_spec, vit_spec_of  # noqa: E
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Export a MoBY encoder for timm")
-    parser.add_argument("--pretrained", required=True, help="MoBY pre-training checkpoint")
+    parser.add_argument("--pretrained", required=True, help="MoBY pre-training checkpoint (.pth or .safetensors)")
     parser.add_argument("--cfg", default=None, metavar="FILE",
                         help="config of the checkpoint (default: the one stored in it)")
     parser.add_argument("--opts", default=None, nargs="+", help="KEY VALUE pairs changing --cfg")
     parser.add_argument("--checkpoint_key", default="encoder", choices=["encoder", "encoder_k"],
                         help="online encoder or the momentum target encoder")
+    add_trust_arg(parser, TRUST_FLAG)
     add_export_args(parser)
     return parser
 
@@ -46,12 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def checkpoint_config(args: argparse.Namespace) -> CfgNode:
     if args.cfg:
         return get_config(argparse.Namespace(cfg=args.cfg, opts=args.opts))
-    checkpoint = load_checkpoint(args.pretrained)
-    config = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
-    if not isinstance(config, CfgNode):
-        raise UserError(f"{args.pretrained} stores no config: pass the one it was trained with, "
-                        "--cfg configs/<name>.yaml")
-    return config
+    checkpoint = read_checkpoint(args.pretrained, args.trust_checkpoint)
+    stored = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+    return config_from_checkpoint(stored, args.pretrained)
 
 
 def timm_spec(config: CfgNode, encoder) -> TimmSpec:
@@ -75,7 +73,7 @@ def export(args: argparse.Namespace):
     encoder = build_encoder(config, num_classes=0)
     spec = timm_spec(config, encoder)  # refuses architectures timm cannot express before any work
     load_pretrained_encoder(encoder, args.pretrained, logging.getLogger("moby.export"),
-                            prefix=args.checkpoint_key + ".")
+                            prefix=args.checkpoint_key + ".", trust=args.trust_checkpoint)
     source = f"{args.pretrained} ({args.checkpoint_key}, {config.MODEL.MOBY.ENCODER})"
     return export_backbone(encoder, spec, args, config.DATA.IMG_SIZE, source)
 

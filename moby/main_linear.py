@@ -139,7 +139,8 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
     if timm_name:
         logger.info(f"{config.LINEAR_EVAL.PRETRAINED}: a randomly initialised timm model (baseline)")
     elif config.LINEAR_EVAL.PRETRAINED:
-        load_pretrained_encoder(classifier, config.LINEAR_EVAL.PRETRAINED, logger)
+        load_pretrained_encoder(classifier, config.LINEAR_EVAL.PRETRAINED, logger,
+                                trust=config.MODEL.TRUST_CHECKPOINT)
     else:
         logger.info("no pretrained weights (--random-init): the encoder keeps its random initialisation")
     logger.info(f"number of params: {sum(p.numel() for p in classifier.parameters() if p.requires_grad)}")
@@ -150,7 +151,8 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
         if config.MODEL.LABEL_SMOOTHING > 0 else torch.nn.CrossEntropyLoss()
     throughput = ThroughputMeter(config.DATA.BATCH_SIZE * ctx.world_size,
                                  warmup_steps=THROUGHPUT_WARMUP_STEPS, device=ctx.device)
-    state = TrainState(optimizer, lr_scheduler, mp, ctx, logger, throughput)
+    state = TrainState(optimizer, lr_scheduler, mp, ctx, logger, throughput,
+                       skip_non_finite=config.TRAIN.SKIP_NON_FINITE)
 
     max_accuracy = maybe_resume(config, classifier, state)
     if config.MODEL.RESUME:
@@ -189,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drop-path-rate", type=float, default=0.2,
                         help="drop path rate of the frozen encoder during linear evaluation")
     parser.add_argument("--pretrained", default=None,
-                        help="MoBY checkpoint to evaluate (default: <output>/<MODEL.NAME>/<tag>/"
-                             "checkpoint.pth), or timm:<model name>: a randomly initialised timm model")
+                        help="MoBY checkpoint or exported encoder to evaluate (.pth or .safetensors; "
+                             "default: <output>/<MODEL.NAME>/<tag>/checkpoint.pth), or timm:<model "
+                             "name>: a randomly initialised timm model")
     parser.add_argument("--random-init", action="store_true",
                         help="train the head on the randomly initialised encoder (a baseline)")
     args, config = parse_config(parser, argv)

@@ -26,8 +26,8 @@ from moby.checkpoint import save_checkpoint  # noqa: E402
 from moby.cli import add_pretrain_limits, base_parser, open_output, parse_config, start_run  # noqa: E402
 from moby.config import set_values  # noqa: E402
 from moby.data import build_pretrain_dataset  # noqa: E402
-from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, last_epoch, maybe_resume,  # noqa: E402
-                         measure_throughput, prepare_budget, train_one_epoch)
+from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, accumulation_steps, last_epoch,  # noqa: E402
+                         maybe_resume, measure_throughput, prepare_budget, train_one_epoch)
 from moby.model import build_moby, check_queue_size, maybe_compile_encoders  # noqa: E402
 from moby.monitoring import attach_monitor, log_epoch, momentum_source  # noqa: E402
 from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates  # noqa: E402
@@ -44,7 +44,8 @@ def moby_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
     return model(view_1, view_2)
 
 
-MOBY_ADVICE = "--amp-opt-level O0, a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD"
+MOBY_ADVICE = ("--amp-opt-level O0, a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD, or --opts "
+               "TRAIN.SKIP_NON_FINITE True to skip such steps as upstream does under apex")
 
 
 def step_checkpointer(config: CfgNode, moby: torch.nn.Module, state: TrainState,
@@ -83,10 +84,12 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     logger.info(f"number of params: {sum(p.numel() for p in moby.parameters() if p.requires_grad)}")
 
     lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    global_batch = config.DATA.BATCH_SIZE * ctx.world_size * max(config.TRAIN.ACCUMULATION_STEPS, 1)
+    global_batch = config.DATA.BATCH_SIZE * ctx.world_size * accumulation_steps(config)
     throughput = ThroughputMeter(global_batch, warmup_steps=THROUGHPUT_WARMUP_STEPS, device=ctx.device)
-    state = TrainState(optimizer, lr_scheduler, mp, ctx, logger, throughput)
-    state.health = StepHealth(ctx.device, MOBY_ADVICE, mp.scaler, logger.info)
+    state = TrainState(optimizer, lr_scheduler, mp, ctx, logger, throughput,
+                       skip_non_finite=config.TRAIN.SKIP_NON_FINITE)
+    state.health = StepHealth(ctx.device, MOBY_ADVICE, mp.scaler, logger.info,
+                              stop=not config.TRAIN.SKIP_NON_FINITE)
     maybe_resume(config, moby, state)
     attach_monitor(config, state, ctx, logger, global_batch).add_source(momentum_source(moby))
     if config.MODEL.RESUME:

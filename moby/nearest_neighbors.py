@@ -32,7 +32,8 @@ from ssl_runtime.pictures import add_neighbour_args, check_neighbour_args, write
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("Nearest neighbours in a MoBY encoder's feature space")
     parser.add_argument("--pretrained", default=None,
-                        help="MoBY checkpoint (default: <output>/<MODEL.NAME>/<tag>/checkpoint.pth), "
+                        help="MoBY checkpoint or exported encoder (.pth or .safetensors; default: "
+                             "<output>/<MODEL.NAME>/<tag>/checkpoint.pth), "
                              "or timm:<model name> for a randomly initialised timm model")
     parser.add_argument("--checkpoint_key", default="encoder", choices=["encoder", "encoder_k"],
                         help="online encoder or the momentum target encoder")

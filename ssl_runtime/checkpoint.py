@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import re
 import zipfile
+from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -58,31 +61,144 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """torch.load with one clear message for a missing, truncated or corrupt file."""
+TRUST_FLAG = "--trust_checkpoint"  # DINO's spelling; MoBY's tools pass their own
+
+# Globals the weights-only unpickler rebuilds without running code from the file (tensors,
+# storages, dtypes, OrderedDict, bytes): anything else is named when a file is refused.
+_SAFE_GLOBALS = ("collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset",
+                 "builtins.bytearray", "builtins.complex", "builtins.slice")
+
+
+class UntrustedCheckpoint(UserError):
+    """The safe unpickler refused a file: it holds objects whose rebuilding can run code."""
+
+
+def add_trust_arg(parser, flag: str = TRUST_FLAG) -> None:
+    """The opt-in to read checkpoints the safe loader refuses."""
+    parser.add_argument(flag, action="store_true",
+                        help="read checkpoints that the safe loader refuses (older checkpoints of "
+                             "this project, official full checkpoints holding an argparse Namespace "
+                             "or a yacs config) with the full unpickler, which runs any code the "
+                             "file carries: only for files you trust")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", trust: bool = False,
+                    trust_flag: str = TRUST_FLAG):
+    """Read a checkpoint without running code stored in it; one clear message for a missing,
+    truncated, corrupt or refused file.
+
+    .safetensors files hold tensors only. Pickled files (torch.save) go through torch's safe
+    (weights-only) unpickler, which rebuilds tensors, numbers, strings and containers but no
+    other object. A file holding other objects (an argparse Namespace, a yacs config, numpy
+    arrays, or code planted by an attacker) is refused with an UntrustedCheckpoint naming them,
+    unless `trust` is set: then it is read with the full unpickler, after a warning.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check the path")
     try:
-        # our checkpoints hold argparse/yacs objects, so the full unpickler is needed
-        return torch.load(path, map_location=map_location, weights_only=False)
+        if is_safetensors(path):
+            from safetensors.torch import load_file
+
+            return load_file(path, device=str(map_location))
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = ", ".join(unsafe_globals(path) or _refused_globals(exc))
+            if not found:  # not a refused type: a damaged file
+                raise
+            if not trust:
+                raise UntrustedCheckpoint(
+                    f"checkpoint {path} holds objects the safe loader does not rebuild ({found}): "
+                    "loading them could run code stored in the file. If you trust the file (e.g. "
+                    "written by an earlier version of this project, or an official full "
+                    f"checkpoint holding an argparse Namespace or yacs config), pass {trust_flag}"
+                ) from None
+            print(f"warning: {path} holds {found}, which the safe loader does not rebuild; reading "
+                  f"it with the full unpickler because {trust_flag} was given (this runs any code "
+                  "the file carries)", flush=True)
+            return torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            AttributeError, ImportError, IndexError) as exc:
+            AttributeError, ImportError, IndexError, OSError) as exc:
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); delete it or "
                         "point at an earlier checkpoint") from None
 
 
-def load_first_readable(paths: Iterable[str | os.PathLike],
-                        warn: Callable[[str], None] = print) -> tuple[dict, Path] | None:
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """A safetensors file: 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 2 ** 32
+
+
+def unsafe_globals(path: str | os.PathLike) -> list[str]:
+    """`module.name` of every class or function the file's pickles import, other than torch's
+    own and the few the safe unpickler allows; read with pickletools, so nothing is executed."""
+    found: list[str] = []
+    for stream in _pickle_streams(Path(path)):
+        with stream:
+            for name in _pickled_globals(stream):
+                if not name.startswith("torch.") and name not in _SAFE_GLOBALS and name not in found:
+                    found.append(name)
+    return found
+
+
+def _pickle_streams(path: Path):
+    if zipfile.is_zipfile(path):
+        archive = zipfile.ZipFile(path)
+        return [archive.open(name) for name in archive.namelist() if name.endswith(".pkl")]
+    return [open(path, "rb")]  # torch's legacy format: several pickles back to back, then data
+
+
+def _pickled_globals(stream) -> list[str]:
+    """GLOBAL names and, for STACK_GLOBAL (protocol 4+), the two strings it pops."""
+    names: list[str] = []
+    last = deque([None, None], maxlen=2)  # values of the last two opcodes (strings or None)
+    memo: dict = {}
+    try:
+        while stream.peek(1):  # one pickle after another, until the end or raw tensor data
+            for op, arg, _pos in pickletools.genops(stream):
+                value = None
+                if op.name == "GLOBAL":
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    names.append(f"{last[0]}.{last[1]}")
+                elif "UNICODE" in op.name or "STRING" in op.name:
+                    value = arg
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                    memo[len(memo) if op.name == "MEMOIZE" else arg] = last[1]
+                    continue  # stores the top of the stack, pushes nothing
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    value = memo.get(arg)
+                last.append(value)
+    except (ValueError, EOFError, OSError):
+        pass
+    return names
+
+
+def _refused_globals(exc: Exception) -> list[str]:
+    """The class or function torch's safe unpickler named when it refused a file (torch 2.1:
+    "Unsupported class a.B"; later: "... GLOBAL a.B ..."); none for a damaged file."""
+    if "weights only load failed" not in str(exc).lower():
+        return []
+    return list(dict.fromkeys(re.findall(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(exc))))
+
+
+def load_first_readable(paths: Iterable[str | os.PathLike], warn: Callable[[str], None] = print,
+                        trust: bool = False, trust_flag: str = TRUST_FLAG) -> tuple[dict, Path] | None:
     """The first of `paths` that exists and loads, warning about each unreadable one skipped.
 
-    None when none exists; a UserError when files exist but none of them can be read.
+    None when none exists; a UserError when files exist but none of them can be read. A file
+    the safe loader refuses stops the search (UntrustedCheckpoint): falling back to an older
+    file would hide the choice the user has to make.
     """
     existing = [Path(p) for p in dict.fromkeys(str(p) for p in paths) if Path(p).is_file()]
     for i, path in enumerate(existing):
         try:
-            return load_checkpoint(path), path
+            return load_checkpoint(path, trust=trust, trust_flag=trust_flag), path
+        except UntrustedCheckpoint:
+            raise
         except UserError as exc:
             reason = str(exc).split("; delete it")[0]
             if i + 1 < len(existing):

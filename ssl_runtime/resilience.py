@@ -95,8 +95,11 @@ def skip_batches(loader, batches: int) -> None:
 
 
 def rng_state(device_type: str = "cpu") -> dict:
-    """Every generator the training step draws from, for the checkpoint."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator the training step draws from, for the checkpoint, held in types the safe
+    (weights-only) unpickler reads: tensors, Python numbers, strings and tuples."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if device_type != "cpu":
         state["device"] = torch.get_device_module(device_type).get_rng_state()
     return state
@@ -106,7 +109,8 @@ def restore_rng_state(state: dict | None, device_type: str = "cpu") -> None:
     if not state:
         return
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # keys: a tensor, or a uint32 array in older checkpoints
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if device_type != "cpu" and "device" in state:
         torch.get_device_module(device_type).set_rng_state(state["device"])
@@ -188,26 +192,32 @@ class NonFiniteLoss(SystemExit):
 
 
 class StepHealth:
-    """Remembers on the device whether any loss was NaN/inf, and watches the fp16 loss scale.
+    """Counts on the device the losses that were NaN/inf, and watches the fp16 loss scale.
 
     Both are read only when the host waits anyway (print steps, before saving, end of epoch), so
     the training step never synchronises. A non-finite loss stops the run before the next save,
-    which leaves the last good checkpoint in place.
+    which leaves the last good checkpoint in place; with stop=False the loop skips those steps
+    instead (see moby/engine.py) and they are only reported.
     """
 
     def __init__(self, device: torch.device, advice: str, scaler=None,
-                 log: Callable[[str], None] = print):
-        self.seen = torch.zeros((), dtype=torch.bool, device=device)
-        self.advice, self.scaler, self.log = advice, scaler, log
+                 log: Callable[[str], None] = print, stop: bool = True):
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        self.advice, self.scaler, self.log, self.stop = advice, scaler, log, stop
         self.last_loss: torch.Tensor | None = None
         self.last_scale: float | None = None
 
     def record(self, loss: torch.Tensor) -> None:
         self.last_loss = loss.detach()
-        self.seen |= ~torch.isfinite(self.last_loss)
+        self.seen += ~torch.isfinite(self.last_loss)
 
     def check(self, iteration: int, loss: torch.Tensor | None = None) -> None:
-        if bool(self.seen):
+        count = int(self.seen)
+        if count and not self.stop:
+            self.log(f"skipped {count} optimizer step(s) with a non-finite loss by iteration {iteration}")
+            self.seen.zero_()
+            count = 0
+        if count:
             value = (loss if loss is not None else self.last_loss)
             shown = f"{value.item()}" if value is not None else "non-finite"
             # straight to stderr: every rank reports it, even where print() is silenced

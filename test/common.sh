@@ -183,6 +183,8 @@ flags (all optional, --name=value):
   --cfg=FILE          MoBY YAML config
   --checkpoint=FILE   checkpoint to evaluate (eval_knn.sh, eval_linear.sh; eval_8p.sh: default the
                       last train_full run's)
+  --trust_checkpoint  read a --checkpoint the safe loader refuses (an official full checkpoint, an
+                      older one of ours) with the full unpickler: only for files you trust
   --bin=True|False    NPU: binary operators (True, the default) or online compilation (False)
   --conda_name=NAME   conda environment to activate first
   --more_path1=       accepted for compatibility with the Ascend scripts, ignored
@@ -217,7 +219,7 @@ ssl_parse_args() {
     local mode=$1
     shift
     MODEL=dino DATA_PATH='' BATCH_SIZE='' EPOCHS='' STEPS='' DEVICE=auto NPROC='' NNODES='' CFG=''
-    CHECKPOINT='' CONDA_NAME='' DRY_RUN=0 BIN=True BIN_GIVEN=0
+    CHECKPOINT='' CONDA_NAME='' DRY_RUN=0 TRUST=0 BIN=True BIN_GIVEN=0
     NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-29680}
     local arg
     for arg in "$@"; do
@@ -235,6 +237,7 @@ ssl_parse_args() {
             --master_port=*) MASTER_PORT=${arg#*=} ;;
             --cfg=*) CFG=${arg#*=} ;;
             --checkpoint=*) CHECKPOINT=${arg#*=} ;;
+            --trust_checkpoint) TRUST=1 ;;
             --conda_name=*) CONDA_NAME=${arg#*=} ;;
             --bin=*) BIN=${arg#*=} BIN_GIVEN=1 ;;
             --more_path1=*) ssl_note "--more_path1 is accepted for compatibility and ignored" ;;
@@ -279,8 +282,9 @@ ssl_parse_args() {
             [[ -f $CHECKPOINT ]] || ssl_die "--checkpoint=$CHECKPOINT: no such file"
             CHECKPOINT=$(ssl_abspath "$CHECKPOINT")
         fi
-    elif [[ -n $CHECKPOINT ]]; then
-        ssl_die "--checkpoint is for eval_knn.sh, eval_linear.sh and eval_8p.sh; training scripts start from scratch"
+    elif [[ -n $CHECKPOINT || $TRUST == 1 ]]; then
+        ssl_die "--checkpoint is for eval_knn.sh, eval_linear.sh and eval_8p.sh (--trust_checkpoint" \
+            "too); training scripts start from scratch"
     fi
 }
 
@@ -457,6 +461,9 @@ ssl_build_commands() {
         fi
     fi
     [[ $evaluation == eval_linear && $mode == eval* && -n $GIVEN_EPOCHS ]] && EVAL_CMD+=(--epochs "$EPOCHS")  # both spell it so
+    if [[ $TRUST == 1 ]]; then
+        if [[ $MODEL == dino ]]; then EVAL_CMD+=(--trust_checkpoint); else EVAL_CMD+=(--trust-checkpoint); fi
+    fi
     return 0
 }
 

@@ -50,7 +50,7 @@ def run_and_signal(cmd: list[str], ready: Callable[[str], bool], signum: int,
 def saved_epoch_step(path: Path) -> tuple[int, int] | None:
     """(epoch, epoch_step) of a checkpoint being written by another process, None if absent."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, RuntimeError, EOFError):
         return None
     return int(ckpt["epoch"]), int(ckpt.get("epoch_step", 0))

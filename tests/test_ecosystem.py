@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torchvision
 
 from dino import export as dino_export
 from dino import main_dino
@@ -25,7 +26,7 @@ from moby import export as moby_export
 from moby import main_moby
 from moby.backbones import build_encoder
 from moby.checkpoint import load_pretrained_encoder
-from moby.config import get_config
+from moby.config import config_from_checkpoint, config_to_dict, get_config
 from moby.model import build_moby
 from ssl_runtime.monitor import TrainingMonitor
 from ssl_runtime.timm_interop import swin_spec, vit_spec
@@ -168,6 +169,27 @@ def test_dino_checkpoint_exports_to_timm(dino_run, tmp_path, key):
     assert torch.equal(teacher_vs_student, ours.state_dict()["blocks.0.attn.qkv.weight"])
 
 
+def test_dino_official_resnet50_exports_to_timm(tmp_path):
+    """DINO's ResNet-50 is torchvision's; its keys and network are timm's resnet50 as well."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50()
+    reference.fc = torch.nn.Identity()
+    with torch.no_grad():  # trained-like BN statistics, so that eval-mode features depend on them
+        for bn in (m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    torch.save(reference.state_dict(), tmp_path / "dino_resnet50_pretrain.pth")
+    output = run_quietly(dino_export.main, [
+        "--pretrained_weights", str(tmp_path / "dino_resnet50_pretrain.pth"), "--arch", "resnet50",
+        "--img_size", "64", "--formats", "safetensors", "--output", str(tmp_path / "r50")])
+    assert "timm model: resnet50" in output
+    theirs = eval(_printed_call(output), {"timm": timm}).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(theirs(images), reference.eval()(images), atol=1e-5, rtol=1e-4)
+
+
 def _moby_config(cfg: str, *opts: str):
     return get_config(argparse.Namespace(cfg=str(ROOT / "configs" / cfg), opts=list(opts)))
 
@@ -176,7 +198,7 @@ def _assert_moby_roundtrip(checkpoint: Path, key: str, out: Path, size: int, exp
     output = run_quietly(moby_export.main, ["--pretrained", str(checkpoint), "--checkpoint_key", key,
                                            "--output", str(out)])
     assert f"timm model: {expected_name}" in output
-    config = torch.load(checkpoint, weights_only=False)["config"]
+    config = config_from_checkpoint(torch.load(checkpoint, weights_only=True)["config"], str(checkpoint))
     ours = build_encoder(config, num_classes=0)
     load_pretrained_encoder(ours, checkpoint, __import__("logging").getLogger("t"), prefix=key + ".")
     call = _printed_call(output)
@@ -197,7 +219,7 @@ def test_moby_deit_checkpoint_exports_to_timm(tmp_path):
     torch.manual_seed(0)
     moby = build_moby(config, steps_per_epoch=1)
     checkpoint = tmp_path / "checkpoint.pth"
-    torch.save({"model": moby.state_dict(), "config": config, "epoch": 0}, checkpoint)  # save_checkpoint's keys
+    torch.save({"model": moby.state_dict(), "config": config_to_dict(config), "epoch": 0}, checkpoint)
     _assert_moby_roundtrip(checkpoint, "encoder", tmp_path / "deit", 32, "deit_tiny_patch16_224")
 
 
@@ -205,7 +227,7 @@ def test_export_refuses_swin_with_batchnorm_before_mlp(tmp_path, capsys):
     config = _moby_config("moby_swin_cpu.yaml", "MODEL.SWIN.NORM_BEFORE_MLP", "bn", "MODEL.SWIN.DEPTHS", "[1, 1]",
                           "MODEL.SWIN.NUM_HEADS", "[1, 2]", "MODEL.SWIN.EMBED_DIM", "12",
                           "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", "32")
-    torch.save({"model": build_moby(config, 1).state_dict(), "config": config}, tmp_path / "bn.pth")
+    torch.save({"model": build_moby(config, 1).state_dict(), "config": config_to_dict(config)}, tmp_path / "bn.pth")
     with pytest.raises(SystemExit) as exit_info:
         moby_export.main(["--pretrained", str(tmp_path / "bn.pth"), "--output", str(tmp_path / "x")])
     assert exit_info.value.code == 2

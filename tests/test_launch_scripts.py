@@ -204,6 +204,19 @@ def test_eval_scripts_commands(tmp_path):
     assert flag_value(commands["EVAL"], "--pretrained") == str(checkpoint)
     assert flag_value(commands["EVAL"], "--cfg") == "configs/moby_swin_cpu.yaml"
     assert flag_value(commands["EVAL"], "--batch-size") == "32"
+    assert "--trust-checkpoint" not in commands["EVAL"]
+
+
+@pytest.mark.parametrize("model, flag", [("dino", "--trust_checkpoint"), ("moby", "--trust-checkpoint")])
+def test_eval_scripts_pass_the_trust_flag_in_each_methods_spelling(tmp_path, model, flag):
+    checkpoint = tmp_path / "official.pth"
+    checkpoint.write_bytes(b"x")
+    for script in ("eval_knn.sh", "eval_linear.sh"):
+        _, commands = dry_run(script, f"--model={model}", "--device=cpu", f"--checkpoint={checkpoint}",
+                              "--trust_checkpoint", tmp_path=tmp_path)
+        assert flag in commands["EVAL"]
+    done = run_script("train_full_1p.sh", "--device=cpu", "--trust_checkpoint", "--dry_run", tmp_path=tmp_path)
+    assert done.returncode == 2 and "training scripts start from scratch" in done.stderr
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import re
@@ -12,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moby.checkpoint import (auto_resume_path, convert_official_moby, load_pretrained_encoder, resume,
-                             save_checkpoint)
+from moby.checkpoint import (auto_resume_path, from_upstream_layout, load_pretrained_encoder, resume,
+                             save_checkpoint, to_upstream_layout)
 from moby.config import get_config, set_values
 from moby.model import build_linear_classifier, build_moby
 from moby.optimization import build_optimizer, build_scheduler
@@ -69,14 +71,14 @@ def test_checkpoint_layout_round_trip_and_resume(tmp_path):
     save_checkpoint(config, 3, model, 0.5, optimizer, scheduler, NullScaler(), LOG)
     out = Path(config.OUTPUT)
     assert (out / "ckpt_epoch_3.pth").is_file() and (out / "checkpoint.pth").is_file()
-    saved = torch.load(out / "checkpoint.pth", weights_only=False)
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)  # plain values only
     # upstream's keys, plus ours for an exact (also mid-epoch) resume
     assert set(saved) == {"model", "optimizer", "lr_scheduler", "max_accuracy", "epoch", "config", "amp",
                           "epoch_step", "rng"}
     prefixes = {k.split(".")[0] for k in saved["model"]}
     assert prefixes == {"encoder", "encoder_k", "projector", "projector_k", "predictor",
                         "queue1", "queue2", "queue_ptr"}
-    assert saved["epoch"] == 3 and saved["config"].MODEL.NAME == config.MODEL.NAME
+    assert saved["epoch"] == 3 and saved["config"]["MODEL"]["NAME"] == config.MODEL.NAME
 
     fresh_config = tiny_config(tmp_path)
     set_values(fresh_config, **{"MODEL.RESUME": str(out / "checkpoint.pth")})
@@ -130,7 +132,7 @@ def test_official_layout_loads_into_moby_and_linear_classifier(tmp_path):
         load_state_dict_checked(build_moby(config, 4), official, "raw")
 
     fresh = build_moby(config, 4)
-    load_state_dict_checked(fresh, convert_official_moby(official, fresh), "converted")
+    load_state_dict_checked(fresh, from_upstream_layout(official, fresh), "converted")
     x = torch.randn(2, 3, 32, 32)
     model.eval(), fresh.eval()
     with torch.no_grad():
@@ -172,3 +174,69 @@ def test_pretrained_encoder_errors(tmp_path):
     torch.save({"model": build_moby(other, 1).state_dict()}, wrong)
     with pytest.raises(UserError, match="does not match"):
         load_pretrained_encoder(classifier, wrong, LOG)
+
+
+# ----------------------------------------------------------------------------- upstream's key layout
+
+UPSTREAM = json.loads((Path(__file__).with_name("upstream_moby_layout.json")).read_text())
+
+
+def layout(state: dict) -> dict:
+    return {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in state.items()}
+
+
+def buffer_hashes(state: dict, tag: str = "") -> dict:
+    return {tag + k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
+            for k, v in state.items() if k.endswith(("relative_position_index", "attn_mask"))}
+
+
+def assert_upstream_layout(ours: dict, expected: dict) -> None:
+    """What upstream's load_state_dict(strict=True) demands: the same keys, each of the same shape."""
+    assert sorted(set(expected) - set(ours)) == [], "keys upstream's model has and ours lacks"
+    assert sorted(set(ours) - set(expected)) == [], "keys upstream's model would reject"
+    assert layout(ours) == expected
+
+
+def test_saved_checkpoints_load_into_upstreams_models_strictly(tmp_path):
+    """A MoBY and a linear-evaluation checkpoint of ours, read back through the safe loader, hold
+    exactly the keys, shapes and buffer values of upstream's models (moby_swin_cpu: shifted and
+    unshifted windows, a window clamped to the last stage's 4x4 tokens)."""
+    expected = UPSTREAM["moby_swin_cpu"]
+    config = get_config(argparse.Namespace(cfg=str(CONFIGS / "moby_swin_cpu.yaml"), output=str(tmp_path),
+                                           opts=["MODEL.NUM_CLASSES", str(expected["num_classes"])]))
+    model = build_moby(config, 4)
+    optimizer = build_optimizer(config, model, "cpu")
+    save_checkpoint(config, 0, model, 0.0, optimizer, build_scheduler(config, optimizer, 4), NullScaler(), LOG)
+    saved = torch.load(Path(config.OUTPUT) / "checkpoint.pth", weights_only=True)["model"]
+    assert_upstream_layout(saved, expected["moby"])
+
+    set_values(config, OUTPUT=str(tmp_path / "linear"))
+    classifier = build_linear_classifier(config, 0.1)
+    optimizer = build_optimizer(config, classifier, "cpu")
+    save_checkpoint(config, 0, classifier, 0.0, optimizer, build_scheduler(config, optimizer, 4), NullScaler(), LOG)
+    linear = torch.load(tmp_path / "linear" / "checkpoint.pth", weights_only=True)["model"]
+    assert_upstream_layout(linear, expected["linear"])
+    assert {**buffer_hashes(saved), **buffer_hashes(linear, "linear:")} == expected["buffer_sha256"]
+
+
+@pytest.mark.parametrize("name", ["moby_swin_tiny", "moby_deit_small"])
+def test_full_size_layouts_match_upstream(name):
+    """Swin-T and DeiT-S as configured for ImageNet (built on the meta device: names and shapes)."""
+    expected = UPSTREAM[name]
+    config = get_config(argparse.Namespace(cfg=str(CONFIGS / f"{name}.yaml"),
+                                           opts=["MODEL.NUM_CLASSES", str(expected["num_classes"])]))
+    with torch.device("meta"):
+        model, classifier = build_moby(config, 4), build_linear_classifier(config, 0.1)
+    ours = to_upstream_layout(model.state_dict(), model)
+    linear = to_upstream_layout(classifier.state_dict(), classifier)
+    assert_upstream_layout(ours, expected["moby"])
+    assert_upstream_layout(linear, expected["linear"])
+    assert {**buffer_hashes(ours), **buffer_hashes(linear, "linear:")} == expected["buffer_sha256"]
+
+
+def test_upstream_layout_round_trip_is_exact():
+    config = tiny_config()
+    model, _, _ = trained_moby(config)
+    state = model.state_dict()
+    back = from_upstream_layout(to_upstream_layout(state, model), model)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)

@@ -14,6 +14,7 @@ from torch import nn
 
 from moby.backbones import TokenBatchNorm, build_encoder
 from moby.config import get_config
+from moby.engine import accumulation_steps
 from moby.model import MoBY, MoBYMLP, build_moby, check_queue_size, contrastive_loss
 from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates
 from ssl_runtime.errors import UserError
@@ -212,3 +213,12 @@ def test_cosine_schedule_per_step_with_warmup():
     # timm's cosine runs over all 30 steps (warm-up included), as upstream configures it
     for step in (10, 20, 29):
         assert lr_at(step) == pytest.approx(0.01 + 0.5 * 0.09 * (1 + math.cos(math.pi * step / 30)))
+
+
+def test_accumulation_is_upstreams_per_script():
+    """moby_main.py never accumulates (ACCUMULATION_STEPS only scales the lr); moby_linear.py does;
+    TRAIN.REAL_ACCUMULATION makes pre-training accumulate too."""
+    assert accumulation_steps(tiny_config("TRAIN.ACCUMULATION_STEPS", "4")) == 1
+    assert accumulation_steps(tiny_config("TRAIN.ACCUMULATION_STEPS", "4", "TRAIN.REAL_ACCUMULATION", "True")) == 4
+    assert accumulation_steps(tiny_config("TRAIN.ACCUMULATION_STEPS", "4", "MODEL.TYPE", "linear")) == 4
+    assert accumulation_steps(tiny_config("TRAIN.ACCUMULATION_STEPS", "0", "MODEL.TYPE", "linear")) == 1

@@ -40,7 +40,7 @@ def test_pretrain_then_resume_with_more_epochs(tiny_imagefolder, tmp_path, capsy
     stdout = capsys.readouterr().out
     assert "Train: [0/1][0/3]\teta " in stdout and "\tloss " in stdout and "\tgrad_norm " in stdout
     assert "Throughput: " in stdout and "images/s" in stdout
-    first = torch.load(folder / "checkpoint.pth", weights_only=False)
+    first = torch.load(folder / "checkpoint.pth", weights_only=True)
     assert first["epoch"] == 0
     # one 3-step epoch of 8 images per step filled 24 of the 32 queue slots
     assert int(first["model"]["queue_ptr"]) == 24
@@ -49,7 +49,7 @@ def test_pretrain_then_resume_with_more_epochs(tiny_imagefolder, tmp_path, capsy
     stdout = capsys.readouterr().out
     assert "auto resuming from" in stdout
     assert "Train: [1/2][0/3]" in stdout and "Train: [0/2]" not in stdout
-    second = torch.load(folder / "checkpoint.pth", weights_only=False)
+    second = torch.load(folder / "checkpoint.pth", weights_only=True)
     assert second["epoch"] == 1 and (folder / "ckpt_epoch_1.pth").is_file()
     assert int(second["model"]["queue_ptr"]) == (24 + 24) % QUEUE
     changed = [k for k in first["model"] if k.startswith("encoder.")
@@ -61,7 +61,7 @@ def test_steps_and_max_epochs_limit_the_run(tiny_imagefolder, tmp_path, capsys):
     main_moby.main(pretrain_args(tiny_imagefolder, tmp_path / "a", "--steps", "2", "--epochs", "5"))
     out = capsys.readouterr().out
     assert "stopped after 2 iterations" in out and "Train: [0/5][1/3]" in out and "[0/5][2/3]" not in out
-    saved = torch.load(run_dir(tmp_path / "a") / "checkpoint.pth", weights_only=False)
+    saved = torch.load(run_dir(tmp_path / "a") / "checkpoint.pth", weights_only=True)
     assert int(saved["model"]["queue_ptr"]) == 16
 
     main_moby.main(pretrain_args(tiny_imagefolder, tmp_path / "b", "--epochs", "5", "--max_epochs", "1"))
@@ -80,18 +80,24 @@ def test_deit_and_bn_variants_train(tiny_imagefolder, tmp_path, cfg, opts):
             "--output", str(tmp_path), "--tag", "v", "--device", "cpu", "--opts", *opts,
             "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", str(QUEUE), "DATA.NUM_WORKERS", "0"]
     main_moby.main(args)
-    saved = torch.load(next(tmp_path.glob("*/v/checkpoint.pth")), weights_only=False)
+    saved = torch.load(next(tmp_path.glob("*/v/checkpoint.pth")), weights_only=True)
     assert int(saved["model"]["queue_ptr"]) == 24
     if "bn" in opts:
         assert any(k.endswith("norm2.bn.running_mean") for k in saved["model"])
 
 
 def test_accumulation_steps_and_throughput_mode(tiny_imagefolder, tmp_path, capsys):
-    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path, "--epochs", "1", "--accumulation-steps", "3"))
-    saved = torch.load(run_dir(tmp_path) / "checkpoint.pth", weights_only=False)
-    # 3 iterations, gradients accumulated over 3: a single AdamW step, lr scaled by 3 x 8 / 512
+    # upstream's moby_main.py: a step every iteration, the lr scaled by 3 x 8 / 512 all the same
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path / "a", "--epochs", "1", "--accumulation-steps", "3"))
+    saved = torch.load(run_dir(tmp_path / "a") / "checkpoint.pth", weights_only=True)
+    assert {int(s["step"]) for s in saved["optimizer"]["state"].values()} == {3}
+    assert saved["config"]["TRAIN"]["BASE_LR"] == pytest.approx(0.001 * 8 / 512 * 3)
+    # TRAIN.REAL_ACCUMULATION: 3 iterations accumulated into a single AdamW step, same lr
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path / "r", "--epochs", "1", "--accumulation-steps", "3")
+                   + ["TRAIN.REAL_ACCUMULATION", "True"])
+    saved = torch.load(run_dir(tmp_path / "r") / "checkpoint.pth", weights_only=True)
     assert {int(s["step"]) for s in saved["optimizer"]["state"].values()} == {1}
-    assert saved["config"].TRAIN.BASE_LR == pytest.approx(0.001 * 8 / 512 * 3)
+    assert saved["config"]["TRAIN"]["BASE_LR"] == pytest.approx(0.001 * 8 / 512 * 3)
     assert int(saved["model"]["queue_ptr"]) == 24  # the EMA/queue update still runs every forward
     capsys.readouterr()
     main_moby.main(pretrain_args(tiny_imagefolder, tmp_path / "tp", "--throughput"))
@@ -161,7 +167,7 @@ def test_two_process_cpu_run_gathers_keys_into_queues(tiny_imagefolder, tmp_path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     folder = run_dir(tmp_path)
     assert (folder / "log_rank0.txt").is_file() and (folder / "log_rank1.txt").is_file()
-    saved = torch.load(folder / "checkpoint.pth", weights_only=False)
+    saved = torch.load(folder / "checkpoint.pth", weights_only=True)
     # 24 images over 2 ranks of 8: one step per epoch whose 16 gathered keys moved the pointer
     # by the GLOBAL batch; without the all-gather it would have moved by 8.
     assert int(saved["model"]["queue_ptr"]) == 16

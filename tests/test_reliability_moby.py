@@ -188,3 +188,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     err = capsys.readouterr().err
     assert "Loss is nan (non-finite at or before iteration 3)" in err and "--amp-opt-level O0" in err
     assert latest.read_bytes() == good
+
+
+def test_skip_non_finite_skips_the_step_and_goes_on(tmp_path, tiny_imagefolder, monkeypatch, capsys):
+    """TRAIN.SKIP_NON_FINITE: the NaN iteration's optimizer step is skipped (as upstream's apex
+    loss scaler does), the others train, the weights stay finite and the skip is logged."""
+    loss, calls = main_moby.moby_loss, []
+
+    def nan_at_second_call(model, batch):
+        calls.append(1)
+        return loss(model, batch) * (float("nan") if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(main_moby, "moby_loss", nan_at_second_call)
+    main_moby.main(args(tiny_imagefolder, tmp_path, "--epochs", "1", opts=("TRAIN.SKIP_NON_FINITE", "True")))
+    saved = load_checkpoint(run_dir(tmp_path) / "checkpoint.pth")
+    assert len(calls) == 3 and {int(s["step"]) for s in saved["optimizer"]["state"].values()} == {2}
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert "skipped 1 optimizer step(s) with a non-finite loss by iteration 1" in capsys.readouterr().out
