@@ -102,6 +102,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _bind_cores(env: Mapping[str, str]) -> None:
+    if not hasattr(os, "sched_setaffinity"):  # not Linux: nothing to bind with
+        return
     cpus = sorted(os.sched_getaffinity(0))
     local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
     local_rank = int(env["LOCAL_RANK"])
