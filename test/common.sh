@@ -412,7 +412,8 @@ ssl_build_commands() {
         if [[ $mode == full || $mode == perf ]]; then
             PRETRAIN_CMD=("$DINO_PRETRAIN" --output_dir "$RUN_DIR" --batch_size_per_gpu "$BATCH_SIZE"
                 --epochs "$EPOCHS" --device "$DEVICE" $MODEL_ARGS $NPU_ARGS)
-            [[ $mode == perf ]] && PRETRAIN_CMD+=($(dino_perf_args))
+            # the perf schedule wins over the recipe's (said once when they agree)
+            [[ $mode == perf && " $MODEL_ARGS " != *" $(dino_perf_args) "* ]] && PRETRAIN_CMD+=($(dino_perf_args))
             [[ -n $STEPS ]] && PRETRAIN_CMD+=(--num_steps "$STEPS")
             [[ -n $DATA_PATH ]] && PRETRAIN_CMD+=(--data_path "$DATA_PATH")
         fi
