@@ -18,6 +18,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -79,6 +80,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="mixed precision (fp16 autocast + loss scaling on NPU/GPU; fp32 on CPU)")
     parser.add_argument("--amp", action="store_true",
                         help="Ascend-port alias: same as --use_fp16 true")
+    parser.add_argument("--use_color_jitter_opti", action="store_true",
+                        help="Ascend-port flag, accepted and ignored (a warning says so): the port's "
+                             "approximate colour jitter for weak CPUs; torchvision's exact one runs")
     parser.add_argument("--weight_decay", type=float, default=0.04, help="initial weight decay")
     parser.add_argument("--weight_decay_end", type=float, default=0.4, help="final weight decay (cosine)")
     parser.add_argument("--clip_grad", type=float, default=3.0,
@@ -142,6 +146,9 @@ def validate_args(args: argparse.Namespace) -> None:
     args.arch = canonical_arch(args.arch)
     if args.amp:
         args.use_fp16 = True
+    if args.use_color_jitter_opti and os.environ.get("RANK", "0") == "0":
+        print("warning: --use_color_jitter_opti is ignored: the exact torchvision ColorJitter runs "
+              "(the Ascend port's approximation is not ported)", file=sys.stderr)
     positive = {"epochs": args.epochs, "batch_size_per_gpu": args.batch_size_per_gpu,
                 "out_dim": args.out_dim, "img_size": args.img_size,
                 "local_crop_size": args.local_crop_size, "patch_size": args.patch_size}

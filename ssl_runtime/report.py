@@ -3,15 +3,21 @@
 The test/*.sh launch scripts call this after a run:
 
     python -m ssl_runtime.report --train_log F [--eval_log F] --network N --rank_size R
-        --batch_size B --case_name C --e2e_seconds S --out_file PATH
+        --batch_size B --case_name C --e2e_seconds S --out_file PATH [--loss_file PATH]
+        [--compile_time]
 
 It prints the block Ascend users know (``Final Performance images/sec : ...``) and writes the
-key = value case file that Ascend's tooling collects.  Numbers come from the logs:
+key = value case file that Ascend's tooling collects, and the loss file beside it
+(``train_<CaseName>_loss.txt``, one loss per logged step).  Numbers come from the logs:
 
 - FPS and s/step: the last ``Throughput: X images/s (Y s/step ...`` line, printed by every
   pretraining entry point (ssl_runtime.meters.ThroughputMeter).  X already counts the images of
   all ranks, so it is not multiplied by the number of devices.
-- loss: the current value of the last DINO (``loss: 1.23 (``) or MoBY (``loss 1.23 (``) line.
+- losses, as the Ascend scripts take them: DINO's step lines (``eta: ... loss: <median> (<running
+  average>)``) give the running average of the epoch, MoBY's (``Train: ... loss <value> (<avg>)``)
+  the step's value.  ActualLoss is the last of them.
+- CompileTime (``--compile_time``, MoBY's 1-device performance case): the first step's time
+  (``Train: [0/..][0/..] ... time <seconds> (``), which holds the operators' compilation.
 - accuracy: DINO k-NN ``10-NN classifier result: Top1: x``, MoBY linear ``Max accuracy: x%``,
   or DINO linear ``Top-1 test accuracy: x``.
 """
@@ -30,8 +36,11 @@ _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # MoBY's console logger colours its prefix
 
 THROUGHPUT = re.compile(rf"Throughput:\s*({_NUMBER})\s*images/s\s*\(\s*({_NUMBER})\s*s/step")
-# DINO's MetricLogger writes `loss: 1.2345 (1.3)`, MoBY's train line `loss 1.2345 (1.3)`.
-LOSS = re.compile(rf"\bloss:?\s+({_NUMBER})\s+\(")
+# DINO's MetricLogger step line `... eta: 0:01:02  loss: 1.2345 (1.3000) ...` (median, running
+# average); MoBY's `Train: [0/300][10/1251] ... time 0.5 (0.6) ... loss 1.2345 (1.3000) ...`.
+DINO_LOSS = re.compile(rf"\beta: .*\bloss:\s+{_NUMBER}\s+\(({_NUMBER})\)")
+MOBY_LOSS = re.compile(rf"\bTrain: .*\bloss\s+({_NUMBER})\s+\(")
+MOBY_TIME = re.compile(rf"\bTrain: .*\btime\s+({_NUMBER})\s+\(")
 # Tried in this order; a log holds one kind, and the last line of that kind wins.
 ACCURACY = (
     re.compile(rf"\b10-NN classifier result: Top1:\s*({_NUMBER})"),
@@ -46,7 +55,12 @@ RULE = "------------------ Final result ------------------"
 class TrainNumbers:
     images_per_sec: str
     sec_per_step: str
-    loss: str | None
+    losses: list[str]
+    first_step_time: str | None = None
+
+    @property
+    def loss(self) -> str | None:
+        return self.losses[-1] if self.losses else None
 
 
 def _read_log(path: Path, what: str) -> list[str]:
@@ -72,8 +86,19 @@ def parse_train_log(path: str | Path) -> TrainNumbers:
     if throughput is None:
         raise UserError(f"no 'Throughput: ... images/s' line in {path}: training did not finish; "
                         f"read {path} for the cause")
-    loss = _last_match(lines, LOSS)
-    return TrainNumbers(throughput.group(1), throughput.group(2), loss.group(1) if loss else None)
+    first_step = next((found for found in map(MOBY_TIME.search, lines) if found), None)
+    return TrainNumbers(throughput.group(1), throughput.group(2), loss_history(lines),
+                        first_step.group(1) if first_step else None)
+
+
+def loss_history(lines: list[str]) -> list[str]:
+    """One loss per logged step, as the Ascend scripts extract them (see the module's doc)."""
+    losses = []
+    for line in lines:
+        found = DINO_LOSS.search(line) or MOBY_LOSS.search(line)
+        if found:
+            losses.append(found.group(1))
+    return losses
 
 
 def parse_accuracy(path: str | Path) -> str:
@@ -98,7 +123,7 @@ def result_lines(train: TrainNumbers, accuracy: str | None, e2e_seconds: str) ->
 
 
 def case_lines(network: str, rank_size: int, batch_size: int, case_name: str, train: TrainNumbers,
-               accuracy: str | None, e2e_seconds: str) -> list[str]:
+               accuracy: str | None, e2e_seconds: str, compile_time: bool = False) -> list[str]:
     """The `key = value` case file of Ascend's tooling."""
     lines = [
         f"Network = {network}",
@@ -113,6 +138,8 @@ def case_lines(network: str, rank_size: int, batch_size: int, case_name: str, tr
         lines.append(f"TrainAccuracy = {accuracy}")
     lines.append(f"ActualLoss = {train.loss if train.loss is not None else 'NA'}")
     lines.append(f"E2ETrainingTime = {e2e_seconds}")
+    if compile_time:
+        lines.append(f"CompileTime = {train.first_step_time or 'NA'}")
     return lines
 
 
@@ -127,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--case_name", help="e.g. DINO_ID3436_for_PyTorch_bs64_8p_acc")
     parser.add_argument("--e2e_seconds", default="0", help="end-to-end wall time in seconds")
     parser.add_argument("--out_file", help="case file to write")
+    parser.add_argument("--loss_file", help="loss file to write (train_<CaseName>_loss.txt)")
+    parser.add_argument("--compile_time", action="store_true",
+                        help="add CompileTime (the first step's time) to the case file")
     parser.add_argument("--accuracy_only", action="store_true",
                         help="only print 'Final Train Accuracy : X' from --eval_log")
     return parser
@@ -152,8 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     out_file = Path(args.out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text("\n".join(case_lines(args.network, args.rank_size, args.batch_size,
-                                             args.case_name, train, accuracy,
-                                             args.e2e_seconds)) + "\n")
+                                             args.case_name, train, accuracy, args.e2e_seconds,
+                                             args.compile_time)) + "\n")
+    if args.loss_file:
+        Path(args.loss_file).write_text("".join(f"{loss}\n" for loss in train.losses))
 
 
 if __name__ == "__main__":

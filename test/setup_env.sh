@@ -7,22 +7,30 @@
 # The choice, in order:
 #   1. SSL_PYTHON, when it is already set: used as it is.
 #   2. SSL_NO_VENV=1: python3 from PATH; the user manages the packages.
-#   3. python3 from PATH, when it already has torch, torchvision, timm and yacs (for example an
-#      Ascend conda environment with torch_npu, or an activated virtual environment).
-#   4. The repository's .venv: created and filled from requirements.txt when it is missing or when
-#      requirements.txt changed since the last install. A stamp file holding the hash of
-#      requirements.txt makes this check instant once the environment is in place.
+#   3. python3 from PATH, when it has torch (for example an Ascend environment with torch_npu, a
+#      conda environment or an activated virtual environment). Its torch is never replaced: when it
+#      lacks torchvision, timm or yacs, the scripts stop and print the pip command that adds them
+#      while keeping its torch (python3 -m ssl_runtime prints it too).
+#   4. Otherwise the repository's .venv: created and filled from requirements.txt when it is
+#      missing or when requirements.txt changed since the last install. A stamp file holding the
+#      hash of requirements.txt makes this check instant once the environment is in place.
 
 SSL_ENV_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SSL_REQUIRED_MODULES=(torch torchvision timm yacs)
 
-# True when the interpreter $1 can find every module of SSL_REQUIRED_MODULES (found, not imported:
+# True when the interpreter $1 can find every module named after it (found, not imported:
 # importing torch takes seconds).
-ssl_python_has_requirements() {
-    "$1" - "${SSL_REQUIRED_MODULES[@]}" >/dev/null 2>&1 <<'EOF'
+ssl_python_has_modules() {
+    local python=$1
+    shift
+    "$python" - "$@" >/dev/null 2>&1 <<'EOF'
 import importlib.util, sys
 sys.exit(any(importlib.util.find_spec(name) is None for name in sys.argv[1:]))
 EOF
+}
+
+ssl_python_has_requirements() {
+    ssl_python_has_modules "$1" "${SSL_REQUIRED_MODULES[@]}"
 }
 
 ssl_file_hash() {
@@ -65,8 +73,15 @@ ssl_setup_env() {
     local repo=${1:-$SSL_ENV_REPO}
     if [[ -n ${SSL_PYTHON:-} ]]; then
         :
-    elif [[ ${SSL_NO_VENV:-0} == 1 ]] || ssl_python_has_requirements python3; then
+    elif [[ ${SSL_NO_VENV:-0} == 1 ]]; then
         SSL_PYTHON=$(command -v python3) || { echo "error: python3 is not on PATH" >&2; return 1; }
+    elif ssl_python_has_modules python3 torch; then
+        SSL_PYTHON=$(command -v python3)
+        if ! ssl_python_has_requirements "$SSL_PYTHON"; then
+            # prints what is missing and the pip command that keeps this torch
+            (cd "$repo" && PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH} "$SSL_PYTHON" -m ssl_runtime >/dev/null)
+            return 1
+        fi
     else
         ssl_ensure_venv "$repo" || return 1
         SSL_PYTHON=$repo/.venv/bin/python

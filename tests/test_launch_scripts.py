@@ -13,14 +13,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DIR = REPO / "test"
-ENTRY_SCRIPTS = ["train_full_1p.sh", "train_full_8p.sh", "train_performance_1p.sh",
-                 "train_performance_8p.sh", "eval_knn.sh", "eval_linear.sh"]
+ENTRY_SCRIPTS = ["train_full_1p.sh", "train_full_8p.sh", "train_full_16p.sh", "train_performance_1p.sh",
+                 "train_performance_8p.sh", "eval_knn.sh", "eval_linear.sh", "eval_8p.sh"]
 SOURCED = ["common.sh", "setup_env.sh", "env_npu.sh"]
 
 
 def script_env(tmp_path: Path, **extra: str) -> dict:
     env = {**os.environ, "SSL_PYTHON": sys.executable, "SSL_TEST_OUTPUT": str(tmp_path / "output")}
-    env.pop("SSL_DEVICE", None)
+    # variables that choose the device, the output folder or the rendezvous (other tests may set them)
+    for name in ("SSL_DEVICE", "ASCEND_DEVICE_ID", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK",
+                 "WORLD_SIZE", "LOCAL_RANK", "CANN_SET_ENV", "SSL_NPU_BINARY"):
+        env.pop(name, None)
     env.update(extra)
     return env
 
@@ -31,9 +34,9 @@ def run_script(name: str, *flags: str, tmp_path: Path, timeout: int = 120,
                           env=script_env(tmp_path, **extra), timeout=timeout)
 
 
-def dry_run(name: str, *flags: str, tmp_path: Path) -> tuple[dict, dict]:
+def dry_run(name: str, *flags: str, tmp_path: Path, **extra: str) -> tuple[dict, dict]:
     """Resolved settings (KEY=value lines) and commands (PRETRAIN/EVAL: word lists)."""
-    done = run_script(name, *flags, "--dry_run", tmp_path=tmp_path)
+    done = run_script(name, *flags, "--dry_run", tmp_path=tmp_path, **extra)
     assert done.returncode == 0, done.stderr
     settings, commands = {}, {}
     for line in done.stdout.splitlines():
@@ -49,6 +52,12 @@ def dry_run(name: str, *flags: str, tmp_path: Path) -> tuple[dict, dict]:
 def flag_value(words: list[str], flag: str) -> str:
     assert flag in words, f"{flag} missing from {words}"
     return words[words.index(flag) + 1]
+
+
+def split_launch(words: list[str]) -> tuple[list[str], list[str]]:
+    """(launcher, program with its flags) of a command line."""
+    first = next(i for i, word in enumerate(words) if word.endswith(".py"))
+    return words[:first], words[first:]
 
 
 @pytest.mark.parametrize("name", ENTRY_SCRIPTS + SOURCED)
@@ -80,7 +89,7 @@ def test_unknown_flag_fails_and_lists_the_flags(tmp_path):
     (["--data_path=/no/such/folder"], "--data_path=/no/such/folder is not a folder"),
     (["--cfg=configs/moby_swin_cpu.yaml"], "--cfg is a MoBY option"),
     (["--model=moby", "--cfg=nope.yaml"], "--cfg=nope.yaml: no such file"),
-    (["--checkpoint=x.pth"], "--checkpoint is for eval_knn.sh and eval_linear.sh"),
+    (["--checkpoint=x.pth"], "--checkpoint is for eval_knn.sh, eval_linear.sh and eval_8p.sh"),
 ])
 def test_bad_values_are_rejected(tmp_path, flags, message):
     done = run_script("train_full_1p.sh", "--device=cpu", *flags, "--dry_run", tmp_path=tmp_path)
@@ -115,22 +124,21 @@ def test_full_8p_dino_defaults_on_cpu(tmp_path):
     assert settings["CASE_NAME"] == "DINO_ID3436_for_PyTorch_bs64_8p_acc"
     assert settings["CASE_FILE"] == str(out / "DINO_ID3436_for_PyTorch_bs64_8p_acc.log")
     assert settings["TRAIN_LOG"] == str(out / "train_0.log")
-    pretrain, evaluation = commands["PRETRAIN"], commands["EVAL"]
-    assert pretrain[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            "--nproc_per_node=8"]
-    assert pretrain[5] == "dino/main_dino.py"
+    (launcher, pretrain), (_, evaluation) = split_launch(commands["PRETRAIN"]), split_launch(commands["EVAL"])
+    assert launcher == [sys.executable, "-m", "ssl_runtime.launch", "--nproc_per_node=8"]
+    assert pretrain[0] == "dino/main_dino.py"
     assert flag_value(pretrain, "--batch_size_per_gpu") == "64"
     assert flag_value(pretrain, "--device") == "cpu"
     # the small CPU ViT is pretrained and evaluated with the same architecture flags
     assert flag_value(pretrain, "--arch") == flag_value(evaluation, "--arch") != "vit_small"
     assert flag_value(pretrain, "--patch_size") == flag_value(evaluation, "--patch_size")
     assert "--data_path" not in pretrain and "--num_steps" not in pretrain  # default dataset
-    assert evaluation[5] == "dino/eval_knn.py"
+    assert evaluation[0] == "dino/eval_knn.py"
     assert flag_value(evaluation, "--pretrained_weights") == settings["RUN_DIR"] + "/checkpoint.pth"
     assert flag_value(evaluation, "--checkpoint_key") == "teacher"
 
 
-def test_nproc_overrides_and_one_process_uses_plain_python(tmp_path, tiny_imagefolder):
+def test_nproc_overrides_the_number_of_processes(tmp_path, tiny_imagefolder):
     settings, commands = dry_run("train_full_1p.sh", "--device=cpu", "--nproc=2",
                                  f"--data_path={tiny_imagefolder}", tmp_path=tmp_path)
     assert settings["CASE_NAME"].endswith("_2p_acc")
@@ -138,14 +146,15 @@ def test_nproc_overrides_and_one_process_uses_plain_python(tmp_path, tiny_imagef
     assert flag_value(commands["PRETRAIN"], "--data_path") == str(tiny_imagefolder)
     assert flag_value(commands["EVAL"], "--data_path") == str(tiny_imagefolder)
     _, commands = dry_run("train_full_1p.sh", "--device=cpu", tmp_path=tmp_path)
-    assert commands["PRETRAIN"][:3] == [sys.executable, "-u", "dino/main_dino.py"]
+    assert split_launch(commands["PRETRAIN"])[0] == [sys.executable, "-m", "ssl_runtime.launch",
+                                                     "--nproc_per_node=1"]
 
 
 def test_performance_runs_have_steps_and_no_evaluation(tmp_path):
     settings, commands = dry_run("train_performance_1p.sh", "--device=cuda", tmp_path=tmp_path)
     assert settings["CASE_NAME"] == "DINO_ID3436_for_PyTorch_bs64_1p_perf"
     assert flag_value(commands["PRETRAIN"], "--num_steps") == "200"
-    assert flag_value(commands["PRETRAIN"], "--epochs") == "100"
+    assert flag_value(commands["PRETRAIN"], "--epochs") == "1"  # the Ascend port's schedule
     assert flag_value(commands["PRETRAIN"], "--arch") == "vit_small"
     assert "EVAL" not in commands
     _, commands = dry_run("train_performance_8p.sh", "--device=cpu", "--steps=9", tmp_path=tmp_path)
@@ -157,14 +166,14 @@ def test_moby_commands(tmp_path, tiny_imagefolder):
                                  f"--data_path={tiny_imagefolder}", "--conda_name=ascend",
                                  "--bin=True", tmp_path=tmp_path)
     assert settings["CASE_NAME"] == "Transformer-SSL_ID3434_for_PyTorch_bs128_8p_acc"
-    pretrain, linear = commands["PRETRAIN"], commands["EVAL"]
-    assert pretrain[5] == "moby/main_moby.py"
+    pretrain, linear = split_launch(commands["PRETRAIN"])[1], split_launch(commands["EVAL"])[1]
+    assert pretrain[0] == "moby/main_moby.py"
     assert flag_value(pretrain, "--cfg") == "configs/moby_swin_tiny.yaml"
     assert flag_value(pretrain, "--batch-size") == "128"
     assert flag_value(pretrain, "--max_epochs") == "100"
     assert flag_value(pretrain, "--data-path") == str(tiny_imagefolder)
     assert flag_value(pretrain, "--tag") == "pretrain"
-    assert linear[5] == "moby/main_linear.py"
+    assert linear[0] == "moby/main_linear.py"
     assert flag_value(linear, "--cfg") == "configs/moby_swin_tiny_linear.yaml"
     _, commands = dry_run("train_performance_1p.sh", "--model=moby", "--device=cpu",
                           tmp_path=tmp_path)
@@ -178,12 +187,12 @@ def test_eval_scripts_commands(tmp_path):
     _, commands = dry_run("eval_knn.sh", "--device=cpu", f"--checkpoint={checkpoint}",
                           tmp_path=tmp_path)
     assert "PRETRAIN" not in commands
-    assert commands["EVAL"][2] == "dino/eval_knn.py"
+    assert split_launch(commands["EVAL"])[1][0] == "dino/eval_knn.py"
     assert flag_value(commands["EVAL"], "--pretrained_weights") == str(checkpoint)
     assert "--batch_size_per_gpu" not in commands["EVAL"]  # eval_knn.py's own default applies
     _, commands = dry_run("eval_linear.sh", "--device=cpu", "--epochs=3", f"--checkpoint={checkpoint}",
                           tmp_path=tmp_path)
-    assert commands["EVAL"][2] == "dino/eval_linear.py"
+    assert split_launch(commands["EVAL"])[1][0] == "dino/eval_linear.py"
     assert flag_value(commands["EVAL"], "--epochs") == "3"
     _, commands = dry_run("eval_linear.sh", "--model=moby", "--device=cpu",
                           f"--checkpoint={checkpoint}", tmp_path=tmp_path)
@@ -191,7 +200,7 @@ def test_eval_scripts_commands(tmp_path):
     assert flag_value(commands["EVAL"], "--cfg") == "configs/moby_swin_cpu_linear.yaml"
     _, commands = dry_run("eval_knn.sh", "--model=moby", "--device=cpu", "--batch_size=32",
                           f"--checkpoint={checkpoint}", tmp_path=tmp_path)
-    assert commands["EVAL"][2] == "moby/eval_knn.py"
+    assert split_launch(commands["EVAL"])[1][0] == "moby/eval_knn.py"
     assert flag_value(commands["EVAL"], "--pretrained") == str(checkpoint)
     assert flag_value(commands["EVAL"], "--cfg") == "configs/moby_swin_cpu.yaml"
     assert flag_value(commands["EVAL"], "--batch-size") == "32"
@@ -281,16 +290,16 @@ def test_full_run_prints_the_result_block_and_writes_the_case_file(tmp_path, stu
     case = (out / "DINO_ID3436_for_PyTorch_bs64_1p_acc.log").read_text().splitlines()
     assert case[0] == "Network = DINO_ID3436_for_PyTorch"
     assert "RankSize = 1" in case and "BatchSize = 64" in case
-    assert "TrainAccuracy = 55.5" in case and "ActualLoss = 8.250000" in case
+    assert "TrainAccuracy = 55.5" in case and "ActualLoss = 8.375000" in case
     assert "TrainingTime = 0.1991" in case
     assert "Throughput" in (out / "train_0.log").read_text()
-    assert "10-NN" in (out / "eval_0.log").read_text()
+    assert "10-NN" in (out / "test_0.log").read_text()
 
 
 def test_failing_stage_exits_non_zero_naming_its_log(tmp_path, stubs, tiny_imagefolder):
     done = run_script("train_full_1p.sh", "--device=cpu", f"--data_path={tiny_imagefolder}",
                       tmp_path=tmp_path, STUB_FAIL="1", **stubs)
-    eval_log = tmp_path / "output" / "0" / "eval_0.log"
+    eval_log = tmp_path / "output" / "0" / "test_0.log"
     assert done.returncode == 3
     assert f"evaluation failed (exit 3); read {eval_log}" in done.stderr
     assert "something broke" in done.stderr  # the log's last lines are shown

@@ -85,7 +85,7 @@ def test_dino_accuracy_run_block_and_case_file(tmp_path):
         "ActualFPS = 1393.25",
         "TrainingTime = 0.3675",
         "TrainAccuracy = 69.7",
-        "ActualLoss = 9.500000",
+        "ActualLoss = 10.500000",  # the last step line's running average, as the port's scripts take it
         "E2ETrainingTime = 4321",
     ]
 
@@ -113,7 +113,22 @@ def test_parsers_on_each_log_kind(tmp_path):
     assert report.parse_accuracy(tmp_path / "k.log") == "69.7"
     (tmp_path / "t.log").write_text(DINO_TRAIN)
     numbers = report.parse_train_log(tmp_path / "t.log")
-    assert (numbers.images_per_sec, numbers.sec_per_step, numbers.loss) == ("1393.25", "0.3675", "9.500000")
+    assert (numbers.images_per_sec, numbers.sec_per_step, numbers.loss) == ("1393.25", "0.3675", "10.500000")
+    assert numbers.losses == ["11.084000", "10.998000", "10.500000"]  # not the 'Averaged stats' line
+
+
+def test_loss_file_and_compile_time(tmp_path):
+    """Huawei's loss file: DINO's running averages, MoBY's step values; MoBY's 1-device
+    performance case adds CompileTime, the first step's time."""
+    done, case_file = run_report(tmp_path, DINO_TRAIN, None, extra=["--loss_file", str(tmp_path / "l.txt")])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "l.txt").read_text() == "11.084000\n10.998000\n10.500000\n"
+    assert "CompileTime" not in case_file.read_text()
+    done, case_file = run_report(tmp_path, MOBY_TRAIN, None, case="X_perf",
+                                 extra=["--loss_file", str(tmp_path / "m.txt"), "--compile_time"])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m.txt").read_text() == "17.1234\n16.5000\n"
+    assert case_file.read_text().splitlines()[-2:] == ["E2ETrainingTime = 4321", "CompileTime = 2.0000"]
 
 
 def test_missing_throughput_line_fails_naming_the_log(tmp_path):
