@@ -21,6 +21,7 @@ from ssl_runtime.distributed import DistContext
 from ssl_runtime.checkpoint import load_checkpoint as read_checkpoint
 from ssl_runtime.checkpoint import load_first_readable
 from ssl_runtime.meters import AverageMeter, SmoothedValue, ThroughputMeter
+from ssl_runtime.optim import clear_gradients
 from ssl_runtime.resilience import StepCheckpointer, StepHealth, restore_rng_state
 from ssl_runtime.monitor import TrainingMonitor
 
@@ -79,7 +80,7 @@ def optimizer_step(params: list[torch.Tensor], state: TrainState, clip_grad: flo
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else math.inf)
     scaler.step(state.optimizer)
     scaler.update()
-    state.optimizer.zero_grad(set_to_none=True)
+    clear_gradients(state.optimizer)
     state.throughput.step()
     return grad_norm.detach()
 
@@ -114,7 +115,7 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
     the clip is meant to do). Returns True when the iteration budget (--steps) ran out.
     """
     model.train()
-    state.optimizer.zero_grad(set_to_none=True)
+    clear_gradients(state.optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
     num_steps = len(loader)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .compat import compile_in_place
 from .errors import UserError
 
 DEVICE_ENV = "SSL_DEVICE"
@@ -149,7 +150,7 @@ def compile_module(module: torch.nn.Module, kind: str) -> bool:
 
         warnings.warn("--compile is ignored on NPU: the model runs eagerly", stacklevel=2)
         return False
-    module.compile(dynamic=False)
+    compile_in_place(module, dynamic=False)
     return True
 
 

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 
 from . import distributed as dist_utils
+from .compat import device_module
 
 EXIT_INTERRUPTED = 128 + signal.SIGTERM  # what a shell reports for a SIGTERM-ed process
 EXIT_NON_FINITE = 1
@@ -98,7 +99,7 @@ def rng_state(device_type: str = "cpu") -> dict:
     """Every generator the training step draws from, for the checkpoint."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device_type != "cpu":
-        state["device"] = torch.get_device_module(device_type).get_rng_state()
+        state["device"] = device_module(device_type).get_rng_state()
     return state
 
 
@@ -109,7 +110,7 @@ def restore_rng_state(state: dict | None, device_type: str = "cpu") -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if device_type != "cpu" and "device" in state:
-        torch.get_device_module(device_type).set_rng_state(state["device"])
+        device_module(device_type).set_rng_state(state["device"])
 
 
 # ---------------------------------------------------------------- SIGTERM and periodic saves

@@ -1,0 +1,52 @@
+"""The torch APIs newer than torch 2.1 that the project uses, with their torch 2.1 equivalents.
+
+torch 2.1 is what torch_npu 2.1.0.postN (still the most deployed Ascend stack) is built on; the
+project runs on torch 2.1 through the newest release (tests/requirements-torch2.1.txt, `.ci/run`).
+Everything version-dependent goes through this module, so the rest of the code reads as plain
+current torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def device_module(kind: str) -> Any:
+    """torch.cuda / torch.npu / torch.cpu for a device kind (torch.get_device_module is 2.3+)."""
+    getter = getattr(torch, "get_device_module", None)
+    if getter is not None:
+        return getter(kind)
+    module = getattr(torch, kind, None)
+    if module is None:
+        raise RuntimeError(f"torch has no device module {kind!r} (for 'npu', import torch_npu first)")
+    return module
+
+
+def grad_scaler(device_type: str, **kwargs) -> Any:
+    """torch.amp.GradScaler(device) (2.3+); torch.cuda.amp.GradScaler before (CUDA only then)."""
+    amp_scaler = getattr(torch.amp, "GradScaler", None)
+    if amp_scaler is not None:
+        return amp_scaler(device_type, **kwargs)
+    if device_type != "cuda":
+        raise RuntimeError(f"this torch ({torch.__version__}) has no GradScaler for {device_type!r}")
+    return torch.cuda.amp.GradScaler(**kwargs)
+
+
+def fused_optimizer_devices() -> tuple[str, ...]:
+    """Device kinds with a fused AdamW/SGD kernel in this torch: CPU joined in 2.4."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # older than every release we support; say "none" rather than guess
+        return ()
+    return tuple(_get_fused_kernels_supported_devices())
+
+
+def compile_in_place(module: torch.nn.Module, **kwargs) -> None:
+    """Compile a module without renaming its state-dict keys: nn.Module.compile (2.2+), else the
+    forward method alone (the module object and its parameters stay the same)."""
+    if hasattr(module, "compile"):
+        module.compile(**kwargs)
+    else:
+        module.forward = torch.compile(module.forward, **kwargs)
