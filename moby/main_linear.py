@@ -89,8 +89,9 @@ def validate(config: CfgNode, loader, model: torch.nn.Module, ctx: DistContext,
         targets = targets.to(ctx.device, non_blocking=True)
         output = model(images)
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(targets[:, None])
+        images_here = torch.tensor(float(len(targets)), device=ctx.device)
         batch = torch.stack([criterion(output.float(), targets), top5[:, 0].sum().float(),
-                             top5.any(dim=1).sum().float(), torch.tensor(float(len(targets)), device=ctx.device)])
+                             top5.any(dim=1).sum().float(), images_here])
         totals += batch
         batch_time.update(time.time() - end)
         end = time.time()

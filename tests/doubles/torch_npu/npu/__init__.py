@@ -66,3 +66,8 @@ def manual_seed_all(seed: int) -> None:
 
 def initial_seed() -> int:
     return _generator.initial_seed()
+
+
+def _is_in_bad_fork() -> bool:
+    """Asked by torch.manual_seed, which then seeds this device too (manual_seed_all)."""
+    return False

@@ -39,7 +39,8 @@ class GradScaler:
         if not self._enabled:
             return
         if id(optimizer) in self._unscaled:
-            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+            raise RuntimeError("unscale_() has already been called on this optimizer since the "
+                               "last update().")
         if getattr(optimizer, "is_fused_optimizer", False):
             optimizer._pack_gradients()
         for group in optimizer.param_groups:
