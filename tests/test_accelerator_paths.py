@@ -356,7 +356,8 @@ def test_dino_two_processes_npu_fused_adamw_checked_collectives(tmp_path):
     model = ["--arch", "vit_pico", "--patch_size", "4", "--img_size", "32", "--device", "cpu", "--data_path",
              str(data), "--pretrained_weights", str(out / "checkpoint.pth"), "--num_workers", "0"]
     linear = ok(torchrun("dino/eval_linear.py", *model, "--epochs", "1", "--n_last_blocks", "1",
-                         "--num_labels", "2", "--batch_size_per_gpu", "4", "--output_dir", str(tmp_path / "lin")))
+                         "--num_labels", "2", "--batch_size_per_gpu", "4",
+                         "--output_dir", str(tmp_path / "lin")))
     assert re.search(r"\* Acc@1 [\d.]+ loss [\d.]+", linear)
     knn = ok(torchrun("dino/eval_knn.py", *model, "--nb_knn", "1", "5"))
     assert "5-NN classifier result: Top1: " in knn
