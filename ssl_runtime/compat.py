@@ -1,4 +1,4 @@
-"""The torch APIs newer than torch 2.1 that the project uses, with their torch 2.1 equivalents.
+"""The torch (and torchvision) APIs newer than torch 2.1 that the project uses, with their torch 2.1 equivalents.
 
 torch 2.1 is what torch_npu 2.1.0.postN (still the most deployed Ascend stack) is built on; the
 project runs on torch 2.1 through the newest release (tests/requirements-torch2.1.txt, `.ci/run`).
@@ -50,3 +50,21 @@ def compile_in_place(module: torch.nn.Module, **kwargs) -> None:
         module.compile(**kwargs)
     else:
         module.forward = torch.compile(module.forward, **kwargs)
+
+
+def samples_allowing_empty_classes(directory: str, class_to_idx: dict, extensions=None,
+                                   is_valid_file=None, allow_empty: bool = True) -> list:
+    """torchvision's make_dataset with allow_empty=True (torchvision 0.17+; 0.16 goes with torch
+    2.1 and refuses a class folder without images): the same samples in the same order, every
+    class keeping its index. FileNotFoundError only when no class has an image."""
+    from torchvision.datasets.folder import make_dataset
+
+    samples = []
+    for name in sorted(class_to_idx):
+        try:
+            samples += make_dataset(directory, {name: class_to_idx[name]}, extensions, is_valid_file)
+        except FileNotFoundError:
+            continue
+    if not samples:
+        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(class_to_idx))}")
+    return samples

@@ -87,13 +87,15 @@ def _kernel_kwargs(device_type: str) -> dict:
 
 
 def _with_fastest_kernel(optimizer_class, param_groups, device_type: str, **kwargs) -> torch.optim.Optimizer:
-    """Build with the device's fused/foreach kernel; older torch releases without a fused kernel
-    for this device (the 1.x requirement files) get the plain implementation."""
+    """Build with the device's fused/foreach kernel; a torch release without that kernel for this
+    optimizer (SGD has fused=True from torch 2.3) gets foreach, then the plain implementation."""
     param_groups = list(param_groups)
-    try:
-        return optimizer_class(param_groups, **kwargs, **_kernel_kwargs(device_type))
-    except (RuntimeError, TypeError, ValueError):
-        return optimizer_class(param_groups, **kwargs)
+    for kernel in (_kernel_kwargs(device_type), {"foreach": True}):
+        try:
+            return optimizer_class(param_groups, **kwargs, **kernel)
+        except (RuntimeError, TypeError, ValueError):
+            continue
+    return optimizer_class(param_groups, **kwargs)
 
 
 def npu_fused_adamw_class():
