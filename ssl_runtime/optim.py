@@ -153,9 +153,12 @@ def held_still(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor])
     """Optimizer steps taken inside leave `params` exactly where they are (DINO's frozen last layer).
 
     torch optimizers skip a parameter whose gradient is None (upstream's way: no update, no
-    weight decay, no moment or step-count change). torch_npu's fused optimizers cannot skip one:
-    the gradient is zeroed in place (so the moments see zeros) and the weights are put back
-    after the step (undoing the update and the weight decay); their step count still advances.
+    weight decay, no moment or step-count change). torch_npu's fused optimizers cannot skip one,
+    so, as Huawei's port does, the weights are put back after the step (undoing the update and the
+    weight decay) while the moments follow the real gradients. Zeroing those gradients instead
+    would leave the moments at zero under a step count that keeps advancing (one per group in the
+    fused buffers), and the first updates after the freeze would be several times upstream's
+    (README, "Ascend NPU").
     """
     params = list(params)
     if not params or not packs_gradients(optimizer):
@@ -167,8 +170,6 @@ def held_still(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor])
         for p in params:
             if p.grad is None:  # must exist at the first step to join the flat buffer
                 p.grad = torch.zeros_like(p)
-            else:
-                p.grad.zero_()
         kept = [p.detach().clone() for p in params]
     yield
     with torch.no_grad():

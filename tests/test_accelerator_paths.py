@@ -173,14 +173,36 @@ def test_held_still_parameters_do_not_move_on_any_optimizer(fake_torch_npu, name
         with held_still(optimizer, [held]):
             optimizer.step()
     assert torch.equal(held, start_held) and not torch.equal(free, start_free)
-    if name == "npufusedadamw":  # joined the buffer with zero gradients: moments are exactly zero
-        assert torch.equal(optimizer.state[held]["exp_avg"], torch.zeros_like(held))
+    if name == "npufusedadamw":  # in the buffer, weights put back: its moments saw 3 gradients 2 * held
+        torch.testing.assert_close(optimizer.state[held]["exp_avg"], (1 - 0.9 ** 3) * 2 * start_held)
     else:  # upstream's grad = None: the optimizer never touched it
         assert not optimizer.state[held]
     clear_gradients(optimizer)
     held.square().sum().backward()
     optimizer.step()  # released: it trains (on the fused optimizer too, no KeyError)
     assert not torch.equal(held, start_held)
+
+
+def test_after_the_freeze_the_fused_optimizer_moves_the_layer_as_upstream_adamw_does(fake_torch_npu):
+    """Constant gradients: AdamW moves each coordinate by lr per step, from a fresh state
+    (upstream's, which skipped the frozen layer) as from moments that followed the gradients during
+    the freeze (the fused optimizer's, weights put back). Moments held at zero under the advancing
+    step count would not: 0.7x here, 2.7x-5.5x after a 1251-step epoch."""
+    gradient = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    upstream, fused = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    optimizers = {id(upstream): torch.optim.AdamW([upstream], lr=0.01, weight_decay=0.0, foreach=False),
+                  id(fused): fake_torch_npu.optim.NpuFusedAdamW([fused], lr=0.01, weight_decay=0.0)}
+    for steps, frozen in ((50, True), (5, False)):
+        for _ in range(steps):
+            for p in (upstream, fused):
+                optimizer = optimizers[id(p)]
+                clear_gradients(optimizer)
+                (p * gradient).sum().backward()
+                with held_still(optimizer, [p] if frozen else []):
+                    optimizer.step()
+    expected = torch.ones(4) - 5 * 0.01 * gradient.sign()
+    torch.testing.assert_close(upstream.detach(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fused.detach(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("optimizer_name", ["adamw", "npufusedadamw"])
@@ -347,7 +369,7 @@ def test_dino_two_processes_npu_fused_adamw_checked_collectives(tmp_path):
     args = main_dino.get_args_parser().parse_args(DINO_TINY)
     main_dino.validate_args(args)
     state = first["optimizer"]["state"][_last_layer_state_index(args)]
-    assert torch.equal(state["exp_avg"], torch.zeros_like(state["exp_avg"]))  # moments saw zeros
+    assert state["step"] == 2 and state["exp_avg"].abs().sum() > 0  # in the fused buffer, weights put back
 
     resumed = ok(torchrun(*train, "--epochs", "3"))
     assert "Found checkpoint at" in resumed and "Epoch: [2/3]" in resumed
