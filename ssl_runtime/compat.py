@@ -14,7 +14,7 @@ import torch
 
 
 def device_module(kind: str) -> Any:
-    """torch.cuda / torch.npu / torch.cpu for a device kind (torch.get_device_module is 2.3+)."""
+    """torch.cuda / torch.npu / torch.cpu for a device kind (torch.get_device_module is newer than 2.1)."""
     getter = getattr(torch, "get_device_module", None)
     if getter is not None:
         return getter(kind)
@@ -25,7 +25,7 @@ def device_module(kind: str) -> Any:
 
 
 def grad_scaler(device_type: str, **kwargs) -> Any:
-    """torch.amp.GradScaler(device) (2.3+); torch.cuda.amp.GradScaler before (CUDA only then)."""
+    """torch.amp.GradScaler(device), newer than torch 2.1; torch.cuda.amp.GradScaler there (CUDA only)."""
     amp_scaler = getattr(torch.amp, "GradScaler", None)
     if amp_scaler is not None:
         return amp_scaler(device_type, **kwargs)
@@ -35,7 +35,8 @@ def grad_scaler(device_type: str, **kwargs) -> Any:
 
 
 def fused_optimizer_devices() -> tuple[str, ...]:
-    """Device kinds with a fused AdamW/SGD kernel in this torch: CPU joined in 2.4."""
+    """Device kinds with a fused AdamW kernel in this torch (no CPU in torch 2.1, where AdamW(fused=True)
+    on CPU tensors builds fine and fails at its first step)."""
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
     except ImportError:  # older than every release we support; say "none" rather than guess
@@ -44,8 +45,8 @@ def fused_optimizer_devices() -> tuple[str, ...]:
 
 
 def compile_in_place(module: torch.nn.Module, **kwargs) -> None:
-    """Compile a module without renaming its state-dict keys: nn.Module.compile (2.2+), else the
-    forward method alone (the module object and its parameters stay the same)."""
+    """Compile a module without renaming its state-dict keys: nn.Module.compile where torch has it,
+    else the forward method alone (the module object and its parameters stay the same)."""
     if hasattr(module, "compile"):
         module.compile(**kwargs)
     else:
@@ -54,8 +55,8 @@ def compile_in_place(module: torch.nn.Module, **kwargs) -> None:
 
 def samples_allowing_empty_classes(directory: str, class_to_idx: dict, extensions=None,
                                    is_valid_file=None, allow_empty: bool = True) -> list:
-    """torchvision's make_dataset with allow_empty=True (torchvision 0.17+; 0.16 goes with torch
-    2.1 and refuses a class folder without images): the same samples in the same order, every
+    """torchvision's make_dataset with allow_empty=True (newer than torchvision 0.16, the one of torch
+    2.1, which refuses a class folder without images): the same samples in the same order, every
     class keeping its index. FileNotFoundError only when no class has an image."""
     from torchvision.datasets.folder import make_dataset
 

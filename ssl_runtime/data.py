@@ -92,7 +92,7 @@ class SafeImageFolder(ImageFolder):
         kwargs = {"loader": load_rgb}
         if "allow_empty" in inspect.signature(ImageFolder.__init__).parameters:
             kwargs["allow_empty"] = True  # an empty class folder is legal; warned about below
-        else:  # torchvision < 0.17 (with torch 2.1): the same, one class folder at a time
+        else:  # torchvision 0.16 (with torch 2.1): the same, one class folder at a time
             self.make_dataset = samples_allowing_empty_classes
         try:
             super().__init__(str(root), transform=transform, **kwargs)

@@ -72,7 +72,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def _kernel_kwargs(device_type: str) -> dict:
-    """The fused single-kernel update where this torch has one (CUDA; CPU from torch 2.4, ~10x
+    """The fused single-kernel update where this torch has one (CUDA; CPU in recent releases, ~10x
     faster than the per-tensor loop upstream gets by default), foreach elsewhere.
 
     Not fused on NPU, although torch_npu registers torch's fused AdamW kernel there: torch's
@@ -88,7 +88,7 @@ def _kernel_kwargs(device_type: str) -> dict:
 
 def _with_fastest_kernel(optimizer_class, param_groups, device_type: str, **kwargs) -> torch.optim.Optimizer:
     """Build with the device's fused/foreach kernel; a torch release without that kernel for this
-    optimizer (SGD has fused=True from torch 2.3) gets foreach, then the plain implementation."""
+    optimizer (torch 2.1's SGD has no fused=True) gets foreach, then the plain implementation."""
     param_groups = list(param_groups)
     for kernel in (_kernel_kwargs(device_type), {"foreach": True}):
         try:

@@ -30,7 +30,7 @@ from ssl_runtime.optim import param_groups_weight_decay
 from tests.test_dino_units import loop_dino_loss
 from tests.test_moby_model import tiny_config
 
-FUSED_ON_CPU = "cpu" in fused_optimizer_devices()  # torch 2.4+; the foreach kernel before
+FUSED_ON_CPU = "cpu" in fused_optimizer_devices()  # not in torch 2.1: the foreach kernel there
 
 LR, WD, MOMENTUM = 0.01, 0.04, 0.9
 
@@ -137,7 +137,7 @@ def test_moby_step_matches_the_plain_step():
     ctx = single_process_context("cpu")
     mp = MixedPrecision.from_flag(False, "cpu")
     optimizer = build_moby_optimizer(config, fast, "cpu")
-    assert bool(optimizer.defaults.get("fused")) == FUSED_ON_CPU  # fused SGD: torch 2.3+
+    assert bool(optimizer.defaults.get("fused")) == FUSED_ON_CPU  # torch 2.1 has no fused SGD
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
               for g in build_moby_optimizer(config, plain, "cpu").param_groups]
     reference = torch.optim.SGD(groups, lr=0.5, momentum=0.9, nesterov=True, foreach=False)

@@ -8,7 +8,7 @@ import torch
 from ssl_runtime.amp import MixedPrecision, NullScaler
 from ssl_runtime.errors import UserError
 
-# torch.amp.GradScaler since torch 2.3, torch.cuda.amp.GradScaler before
+# torch.amp.GradScaler in recent torch, torch.cuda.amp.GradScaler in torch 2.1
 CUDA_SCALER = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler
 # On machines without a GPU, torch warns that the CUDA GradScaler it builds is disabled: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*CUDA is not available")
