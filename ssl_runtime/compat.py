@@ -1,4 +1,5 @@
-"""The torch (and torchvision) APIs newer than torch 2.1 that the project uses, with their torch 2.1 equivalents.
+"""The torch (and torchvision) APIs newer than torch 2.1 that the project uses, with their torch 2.1
+equivalents.
 
 torch 2.1 is what torch_npu 2.1.0.postN (still the most deployed Ascend stack) is built on; the
 project runs on torch 2.1 through the newest release (tests/requirements-torch2.1.txt, `.ci/run`).
