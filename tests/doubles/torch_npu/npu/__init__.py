@@ -1,6 +1,7 @@
 """torch.npu as the runtime uses it: device queries, memory statistics, the generator state.
 
-Every name here exists in torch_npu.npu of torch_npu 2.1.0.post17 and 2.14.0 (their __all__).
+Every name here exists in torch_npu.npu of torch_npu 2.1.0.post17 and 2.14.0 (their __all__, and the
+private _is_in_bad_fork that torch.manual_seed asks for).
 No NPU is attached: is_available() is False and device_count() is 0; the RNG state belongs to a
 CPU generator standing in for the device's.
 """
