@@ -34,6 +34,7 @@ from ssl_runtime.logs import silence_non_main  # noqa: E402
 from ssl_runtime.meters import MetricLogger, SmoothedValue  # noqa: E402
 from ssl_runtime.misc import bool_flag, fix_random_seeds  # noqa: E402
 from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
+from ssl_runtime.optim import clear_gradients  # noqa: E402
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 
@@ -132,7 +133,7 @@ def train(features, classifier, optimizer, loader, epoch: int, ctx: DistContext)
         inp = inp.to(ctx.device, non_blocking=True)
         target = target.to(ctx.device, non_blocking=True)
         loss = criterion(classifier(features(inp)), target)
-        optimizer.zero_grad(set_to_none=True)
+        clear_gradients(optimizer)
         loss.backward()
         optimizer.step()
         metric_logger.update(loss=loss.detach())
@@ -148,7 +149,8 @@ def validate_network(loader, features, classifier, ctx: DistContext, num_labels:
     (upstream reported rank 0's numbers only, facebookresearch/dino#289)."""
     classifier.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, top1, top5, count
+    # float32, as Huawei's port: HCCL has no float64 on most chips (counts stay exact to 2^24)
+    totals = torch.zeros(4, device=ctx.device)  # loss, top1, top5, count
     metric_logger = MetricLogger(delimiter="  ", device=ctx.device)
     topk = (1, 5) if num_labels >= 5 else (1,)
     for inp, target in metric_logger.log_every(loader, 20, "Test:"):
@@ -156,7 +158,7 @@ def validate_network(loader, features, classifier, ctx: DistContext, num_labels:
         target = target.to(ctx.device, non_blocking=True)
         output = classifier(features(inp))
         counts = accuracy_counts(output, target, topk)
-        batch_loss = criterion(output, target).double()
+        batch_loss = criterion(output.float(), target)
         metric_logger.update(loss=batch_loss / target.numel())
         totals[0] += batch_loss
         totals[1] += counts[0]

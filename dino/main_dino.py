@@ -44,7 +44,8 @@ from ssl_runtime.misc import bool_flag, fix_random_seeds  # noqa: E402
 from ssl_runtime.resilience import (StepCheckpointer, StepHealth, StopSignal, restore_rng_state,  # noqa: E402
                                     rng_state, skip_batches)
 from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
-from ssl_runtime.optim import OPTIMIZERS, build_optimizer, param_groups_weight_decay  # noqa: E402
+from ssl_runtime.optim import (OPTIMIZERS, build_optimizer, clear_gradients, held_still,  # noqa: E402
+                               param_groups_weight_decay)
 from ssl_runtime.schedules import cosine_schedule  # noqa: E402
 
 PRINT_FREQ = 10
@@ -97,7 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear lr warm-up")
     parser.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate (cosine)")
     parser.add_argument("--optimizer", default="adamw", type=str, choices=list(OPTIMIZERS),
-                        help="adamw for ViTs; sgd or lars for convnets")
+                        help="adamw for ViTs; sgd or lars for convnets; npufusedadamw: torch_npu's "
+                             "NpuFusedAdamW (Ascend only)")
     parser.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth rate")
     parser.add_argument("--num_steps", type=int, default=None,
                         help="stop after this many optimizer steps (performance runs)")
@@ -198,13 +200,14 @@ def clip_gradients(model: nn.Module, clip: float) -> list[torch.Tensor]:
     return norms
 
 
-def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
-    """Keep the head's prototypes fixed during the first epochs (stabilises the start)."""
+def frozen_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> list[nn.Parameter]:
+    """The head's last-layer parameters while they are kept fixed (the first `freeze_last_layer`
+    epochs; stabilises the start), else none. Upstream sets their gradients to None; the step
+    holds them still with ssl_runtime.optim.held_still, which does that on every optimizer that
+    can skip a parameter (see there for torch_npu's fused ones)."""
     if epoch >= freeze_last_layer:
-        return
-    for name, param in model.named_parameters():
-        if "last_layer" in name:
-            param.grad = None
+        return []
+    return [param for name, param in model.named_parameters() if "last_layer" in name]
 
 
 DINO_ADVICE = "--use_fp16 false, a lower --lr or a higher --clip_grad"
@@ -232,13 +235,13 @@ def train_step(student, teacher, dino_loss, images: list[torch.Tensor], optimize
         student_output = student(images)
         loss = dino_loss(student_output, teacher_output, epoch)
 
-    optimizer.zero_grad(set_to_none=True)
+    clear_gradients(optimizer)
     mp.scaler.scale(loss).backward()
     if args.clip_grad:
         mp.scaler.unscale_(optimizer)
         clip_gradients(student, args.clip_grad)
-    cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-    mp.scaler.step(optimizer)
+    with held_still(optimizer, frozen_last_layer(epoch, student, args.freeze_last_layer)):
+        mp.scaler.step(optimizer)
     mp.scaler.update()
 
     ema_update_(teacher_params, student_params, momentum)

@@ -20,6 +20,7 @@ from ssl_runtime.amp import MixedPrecision
 from ssl_runtime.distributed import DistContext
 from ssl_runtime.checkpoint import load_first_readable
 from ssl_runtime.meters import AverageMeter, SmoothedValue, ThroughputMeter
+from ssl_runtime.optim import clear_gradients
 from ssl_runtime.resilience import StepCheckpointer, StepHealth, restore_rng_state
 from ssl_runtime.monitor import TrainingMonitor
 
@@ -90,7 +91,7 @@ def optimizer_step(params: list[torch.Tensor], state: TrainState, clip_grad: flo
     if _step_allowed(state, grad_norm):
         scaler.step(state.optimizer)
     scaler.update()
-    state.optimizer.zero_grad(set_to_none=True)
+    clear_gradients(state.optimizer)
     state.throughput.step()
     return grad_norm.detach()
 
@@ -134,7 +135,7 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
     iteration budget (--steps) ran out.
     """
     model.train()
-    state.optimizer.zero_grad(set_to_none=True)
+    clear_gradients(state.optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     accumulation = accumulation_steps(config)
     num_steps = len(loader)

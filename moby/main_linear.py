@@ -80,7 +80,8 @@ def validate(config: CfgNode, loader, model: torch.nn.Module, ctx: DistContext,
     """Top-1 / top-5 accuracy (percent) and mean loss over the whole val set, summed over ranks."""
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
-    totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, top-1, top-5, images
+    # float32, as Huawei's port: HCCL has no float64 on most chips (counts stay exact to 2^24)
+    totals = torch.zeros(4, device=ctx.device)  # loss, top-1, top-5, images
     batch_time = AverageMeter()
     end = time.time()
     for idx, (images, targets) in enumerate(loader):
@@ -88,9 +89,9 @@ def validate(config: CfgNode, loader, model: torch.nn.Module, ctx: DistContext,
         targets = targets.to(ctx.device, non_blocking=True)
         output = model(images)
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(targets[:, None])
-        batch = torch.stack([criterion(output, targets).double(), top5[:, 0].sum().double(),
-                             top5.any(dim=1).sum().double(), torch.tensor(len(targets), dtype=torch.float64,
-                                                                          device=ctx.device)])
+        images_here = torch.tensor(float(len(targets)), device=ctx.device)
+        batch = torch.stack([criterion(output.float(), targets), top5[:, 0].sum().float(),
+                             top5.any(dim=1).sum().float(), images_here])
         totals += batch
         batch_time.update(time.time() - end)
         end = time.time()

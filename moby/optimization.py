@@ -14,6 +14,9 @@ from ssl_runtime.optim import build_optimizer as runtime_optimizer
 from ssl_runtime.optim import param_groups_weight_decay
 
 REFERENCE_BATCH = 512.0  # learning rates in the configs are for 512 images per step
+# Huawei's MoBY port turns "adamw" into apex's NpuFusedAdamW; here "adamw" is torch's AdamW on every
+# device and torch_npu's fused one is asked for by name, spelled as Huawei's DINO port spells it.
+MOBY_OPTIMIZERS = ("adamw", "sgd", "npufusedadamw")
 
 
 def scale_learning_rates(config: CfgNode, world_size: int) -> None:
@@ -41,8 +44,9 @@ def build_optimizer(config: CfgNode, model: torch.nn.Module, device_type: str) -
                                        skip_keywords=skip_keywords)
     opt = config.TRAIN.OPTIMIZER
     name = opt.NAME.lower()
-    if name not in ("adamw", "sgd"):
-        raise UserError(f"TRAIN.OPTIMIZER.NAME {opt.NAME!r} is not supported: use adamw or sgd")
+    if name not in MOBY_OPTIMIZERS:
+        raise UserError(f"TRAIN.OPTIMIZER.NAME {opt.NAME!r} is not supported: use "
+                        f"{', '.join(MOBY_OPTIMIZERS)}")
     return runtime_optimizer(name, groups, device_type, lr=config.TRAIN.BASE_LR,
                              weight_decay=config.TRAIN.WEIGHT_DECAY, momentum=opt.MOMENTUM,
                              nesterov=True, betas=tuple(opt.BETAS), eps=opt.EPS)

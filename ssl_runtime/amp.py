@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .compat import grad_scaler
 from .errors import UserError
 
 LEVELS = ("O0", "O1", "O2")
@@ -85,10 +86,12 @@ class ApexScaler(NullScaler):
 
 
 def _grad_scaler(device_type: str):
+    """torch_npu's own scaler on NPU: it knows the flat gradient buffers of torch_npu's fused
+    optimizers and agrees on overflows across ranks on chips without inf/nan support."""
     if device_type == "npu":
         torch_npu = importlib.import_module("torch_npu")
         return torch_npu.npu.amp.GradScaler()
-    return torch.amp.GradScaler(device_type)
+    return grad_scaler(device_type)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from . import device as devices
+from .compat import samples_allowing_empty_classes
 from .distributed import DistContext
 from .errors import UserError
 from .resilience import PerSampleSeeded, ResumableSampler
@@ -91,6 +92,8 @@ class SafeImageFolder(ImageFolder):
         kwargs = {"loader": load_rgb}
         if "allow_empty" in inspect.signature(ImageFolder.__init__).parameters:
             kwargs["allow_empty"] = True  # an empty class folder is legal; warned about below
+        else:  # torchvision 0.16 (with torch 2.1): the same, one class folder at a time
+            self.make_dataset = samples_allowing_empty_classes
         try:
             super().__init__(str(root), transform=transform, **kwargs)
         except FileNotFoundError as exc:

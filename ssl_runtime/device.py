@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .compat import compile_in_place
 from .errors import UserError, main_entry
 from .misc import bool_flag
 from .torch_stack import stacks_text
@@ -251,7 +252,7 @@ def compile_module(module: torch.nn.Module, kind: str) -> bool:
 
         warnings.warn("--compile is ignored on NPU: the model runs eagerly", stacklevel=2)
         return False
-    module.compile(dynamic=False)
+    compile_in_place(module, dynamic=False)
     return True
 
 

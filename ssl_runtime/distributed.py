@@ -6,6 +6,15 @@ Launch styles understood, in this order:
   * a plain `python script.py` (optionally with the legacy --local_rank N): world size 1 and no
     process group at all (upstream DINO refuses to run like this; we don't).
 The backend follows the device: hccl on NPU, nccl on CUDA, gloo on CPU.
+
+This module is the only place that calls torch.distributed collectives. What it hands them follows
+the rule NCCL and HCCL impose (gloo would accept more, so CPU runs would hide a violation): every
+tensor lives on the training device and is float32 or narrower (HCCL has no float64 on most chips;
+torch_npu registers hccl for NPU tensors only, NCCL serves CUDA tensors only); integers go as
+int32, so no reduction depends on a backend's 64-bit support. A tensor that breaks the rule stops
+the run here with a message saying so, on every backend.
+The one deliberate exception is any_rank_true: a separate gloo group on the host (CPU int32), so
+that asking about SIGTERM never waits behind the accelerator's queue.
 """
 
 from __future__ import annotations
@@ -103,6 +112,7 @@ def init_distributed(device_request: str | None = "auto", local_rank: int = -1,
                                 rank=rank, timeout=process_group_timeout())
         dist.barrier()
     devices.set_fast_math(kind)
+    _set_collective_device(device)
     return DistContext(rank, world_size, local, device, kind, backend, distributed)
 
 
@@ -133,19 +143,56 @@ def barrier() -> None:
         dist.barrier()
 
 
+# ---------------------------------------------------------------- collectives
+
+_collective_device = torch.device("cpu")  # the training device of this rank, set by init_distributed
+
+
+def _set_collective_device(device: torch.device) -> None:
+    global _collective_device
+    _collective_device = torch.device(device)
+
+
+def collective_device() -> torch.device:
+    """Where tensors handed to collectives must live: this rank's training device."""
+    return _collective_device
+
+
+def check_collective_tensor(tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """The tensor itself when NCCL/HCCL would take it (see the module docstring); else a
+    RuntimeError naming the rule, instead of an error from inside the backend (or none on gloo)."""
+    device = collective_device() if device is None else device
+    if tensor.device != device:
+        raise RuntimeError(f"collective on a {tensor.device} tensor while the training device is "
+                           f"{device}: NCCL and HCCL serve their own device's tensors only; create "
+                           "it on the training device (distributed.collective_device())")
+    if tensor.dtype in (torch.float64, torch.complex128, torch.int64):
+        raise RuntimeError(f"collective on a {tensor.dtype} tensor: collectives here take 32-bit "
+                           "or narrower types (HCCL has no float64 on most chips); use float32 or int32")
+    return tensor
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place; identity at world size 1."""
     if is_dist():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(check_collective_tensor(tensor), op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     """Average over ranks in place; identity at world size 1."""
     if is_dist():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(check_collective_tensor(tensor), op=dist.ReduceOp.SUM)
         tensor.div_(dist.get_world_size())
     return tensor
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Sums of host numbers over ranks (meter totals), reduced as float32 on the training device."""
+    if not is_dist():
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float32, device=collective_device())
+    return all_reduce_sum_(tensor).tolist()
 
 
 @torch.no_grad()
@@ -153,17 +200,21 @@ def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Concatenate equally-shaped tensors from every rank in rank order (no gradient)."""
     if not is_dist():
         return tensor
+    tensor = check_collective_tensor(tensor.contiguous())
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
+    dist.all_gather(parts, tensor)
     return torch.cat(parts, dim=dim)
 
 
 @torch.no_grad()
 def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate along dim 0 tensors whose first dimension differs between ranks."""
+    """Concatenate along dim 0 tensors whose first dimension differs between ranks (int64 labels
+    and indices travel as int32 and come back as int64)."""
     if not is_dist():
         return tensor
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    if tensor.dtype == torch.int64:
+        return all_gather_uneven(tensor.int()).long()
+    size = torch.tensor([tensor.shape[0]], dtype=torch.int32, device=tensor.device)
     sizes = [int(s) for s in all_gather_cat(size).tolist()]
     padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
@@ -190,6 +241,8 @@ def any_rank_true(flag: bool) -> bool:
 
 
 def all_gather_object(obj) -> list:
+    """torch's all_gather_object (pickled bytes as uint8, their lengths as int64, on the device
+    torch picks for the backend: NCCL and HCCL carry both); for tools and tests."""
     if not is_dist():
         return [obj]
     out = [None] * dist.get_world_size()
@@ -224,3 +277,4 @@ def shutdown() -> None:
     if is_dist():
         dist.destroy_process_group()
     _host_group = None
+    _set_collective_device(torch.device("cpu"))

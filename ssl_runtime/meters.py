@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import torch
 
 from . import device as devices
-from .distributed import all_reduce_sum_, is_dist
+from .distributed import is_dist, sum_over_ranks
 
 
 class SmoothedValue:
@@ -50,9 +50,8 @@ class SmoothedValue:
         self._flush()
         if not is_dist():
             return
-        stats = torch.tensor([self.count, self.total], dtype=torch.float64)
-        all_reduce_sum_(stats)
-        self.count, self.total = int(stats[0].item()), float(stats[1].item())
+        count, self.total = sum_over_ranks([self.count, self.total])  # float32 on the device
+        self.count = int(round(count))
 
     @property
     def median(self) -> float:

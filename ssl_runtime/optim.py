@@ -1,15 +1,19 @@
-"""Optimizers: the same math everywhere, the fastest kernel each device has."""
+"""Optimizers: the same math everywhere, the fastest kernel each device has; clearing gradients
+and holding parameters still in a way every optimizer accepts (torch_npu's fused ones included)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
+from .compat import fused_optimizer_devices
 from .errors import UserError
 
-OPTIMIZERS = ("adamw", "sgd", "lars")
+# npufusedadamw: torch_npu's NpuFusedAdamW, chosen explicitly (Huawei's DINO port's flag value)
+OPTIMIZERS = ("adamw", "sgd", "lars", "npufusedadamw")
 
 
 def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
@@ -68,40 +72,106 @@ class LARS(torch.optim.Optimizer):
 
 
 def _kernel_kwargs(device_type: str) -> dict:
-    """The fused single-kernel update on CUDA and CPU (on CPU ~10x faster than the per-tensor loop
-    upstream gets by default), foreach elsewhere."""
-    return {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
+    """The fused single-kernel update where this torch has one (CUDA; CPU in recent releases, ~10x
+    faster than the per-tensor loop upstream gets by default), foreach elsewhere.
+
+    Not fused on NPU, although torch_npu registers torch's fused AdamW kernel there: torch's
+    fused optimizers take their loss scale from the GradScaler (`_step_supports_amp_scaling`),
+    and torch_npu's GradScaler (the one that knows NPU overflow handling) then calls
+    `step(grad_scaler=...)`, an argument torch's optimizers do not accept (TypeError at the
+    first fp16 step).
+    """
+    if device_type != "npu" and device_type in fused_optimizer_devices():
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def _with_fastest_kernel(optimizer_class, param_groups, device_type: str, **kwargs) -> torch.optim.Optimizer:
-    """Build with the device's fused/foreach kernel; older torch releases without a fused kernel
-    for this device (the 1.x requirement files) get the plain implementation."""
+    """Build with the device's fused/foreach kernel; a torch release without that kernel for this
+    optimizer (torch 2.1's SGD has no fused=True) gets foreach, then the plain implementation."""
     param_groups = list(param_groups)
+    for kernel in (_kernel_kwargs(device_type), {"foreach": True}):
+        try:
+            return optimizer_class(param_groups, **kwargs, **kernel)
+        except (RuntimeError, TypeError, ValueError):
+            continue
+    return optimizer_class(param_groups, **kwargs)
+
+
+def npu_fused_adamw_class():
+    """torch_npu.optim.NpuFusedAdamW, or a UserError saying why it is not there."""
     try:
-        return optimizer_class(param_groups, **kwargs, **_kernel_kwargs(device_type))
-    except (RuntimeError, TypeError, ValueError):
-        return optimizer_class(param_groups, **kwargs)
+        return importlib.import_module("torch_npu.optim").NpuFusedAdamW
+    except Exception as exc:  # ImportError, or CANN libraries missing at load time
+        raise UserError(f"the npufusedadamw optimizer is torch_npu's NpuFusedAdamW, but torch_npu "
+                        f"does not import here ({type(exc).__name__}: {exc}): install torch_npu "
+                        "for your CANN release, or use adamw (torch's AdamW, on every device)") from None
 
 
 def build_optimizer(name: str, param_groups, device_type: str, lr: float = 0.0,
                     weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-    """AdamW / SGD / LARS with the device's fastest implementation of identical math.
+    """AdamW / SGD / LARS with the device's fastest implementation of identical math, or
+    torch_npu's NpuFusedAdamW when asked for by name.
 
     Per-group weight_decay values (see param_groups_weight_decay) take precedence over the
     weight_decay argument.
     """
     name = name.lower()
     if name == "adamw":
-        if device_type == "npu":
-            fused = getattr(importlib.import_module("torch_npu.optim"), "NpuFusedAdamW", None)
-            if fused is not None:
-                return fused(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         return _with_fastest_kernel(torch.optim.AdamW, param_groups, device_type, lr=lr, betas=betas,
                                     eps=eps, weight_decay=weight_decay)
+    if name == "npufusedadamw":
+        return npu_fused_adamw_class()(list(param_groups), lr=lr, betas=betas, eps=eps,
+                                       weight_decay=weight_decay)
     if name == "sgd":
         return _with_fastest_kernel(torch.optim.SGD, param_groups, device_type, lr=lr, momentum=momentum,
                                     nesterov=nesterov, weight_decay=weight_decay)
     if name == "lars":
         return LARS(param_groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
     raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+# ---------------------------------------------------------------- gradients every optimizer accepts
+
+def packs_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """True for torch_npu's fused optimizers (they say so with `is_fused_optimizer`, the mark
+    torch_npu's GradScaler reads). At their first step they move the gradients present into one
+    flat buffer and never look again: a gradient set to None or replaced afterwards is ignored
+    (or fails with KeyError: 'step'), and zero_grad(set_to_none=True) raises ValueError."""
+    return bool(getattr(optimizer, "is_fused_optimizer", False))
+
+
+def clear_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """zero_grad(set_to_none=True) (torch's default, less memory traffic), or zeroing in place
+    for the optimizers that own their gradient buffers."""
+    optimizer.zero_grad(set_to_none=not packs_gradients(optimizer))
+
+
+@contextlib.contextmanager
+def held_still(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Optimizer steps taken inside leave `params` exactly where they are (DINO's frozen last layer).
+
+    torch optimizers skip a parameter whose gradient is None (upstream's way: no update, no
+    weight decay, no moment or step-count change). torch_npu's fused optimizers cannot skip one,
+    so, as Huawei's port does, the weights are put back after the step (undoing the update and the
+    weight decay) while the moments follow the real gradients. Zeroing those gradients instead
+    would leave the moments at zero under a step count that keeps advancing (one per group in the
+    fused buffers), and the first updates after the freeze would be several times upstream's
+    (README, "Ascend NPU").
+    """
+    params = list(params)
+    if not params or not packs_gradients(optimizer):
+        for p in params:
+            p.grad = None
+        yield
+        return
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:  # must exist at the first step to join the flat buffer
+                p.grad = torch.zeros_like(p)
+        kept = [p.detach().clone() for p in params]
+    yield
+    with torch.no_grad():
+        for p, weights in zip(params, kept):
+            p.copy_(weights)

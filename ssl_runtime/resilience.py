@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 
 from . import distributed as dist_utils
+from .compat import device_module
 
 EXIT_INTERRUPTED = 128 + signal.SIGTERM  # what a shell reports for a SIGTERM-ed process
 EXIT_NON_FINITE = 1
@@ -101,7 +102,7 @@ def rng_state(device_type: str = "cpu") -> dict:
     numpy_state = (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if device_type != "cpu":
-        state["device"] = torch.get_device_module(device_type).get_rng_state()
+        state["device"] = device_module(device_type).get_rng_state()
     return state
 
 
@@ -113,7 +114,7 @@ def restore_rng_state(state: dict | None, device_type: str = "cpu") -> None:
     np.random.set_state((name, np.asarray(keys).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if device_type != "cpu" and "device" in state:
-        torch.get_device_module(device_type).set_rng_state(state["device"])
+        device_module(device_type).set_rng_state(state["device"])
 
 
 # ---------------------------------------------------------------- SIGTERM and periodic saves

@@ -15,11 +15,12 @@ from torch import nn
 
 from dino.augment import DataAugmentationDINO, eval_transform
 from dino.loss import DINOLoss, teacher_temperature_schedule
-from dino.main_dino import (NonFiniteLossGuard, build_schedules, cancel_gradients_last_layer,
-                            clip_gradients, get_args_parser, validate_args)
+from dino.main_dino import (NonFiniteLossGuard, build_schedules, clip_gradients, frozen_last_layer,
+                            get_args_parser, validate_args)
 from dino.models import DINOHead, MultiCropWrapper, WeightNormLinear, build_backbone, resolution_groups
 from ssl_runtime.ema import ema_update_
 from ssl_runtime.errors import UserError
+from ssl_runtime.optim import held_still
 
 
 def loop_dino_loss(student, teacher, center, ncrops, student_temp, teacher_temp):
@@ -110,14 +111,17 @@ def test_schedules_at_chosen_iterations():
     assert np.all(np.diff(momentum) >= 0)
 
 
-def test_cancel_last_layer_gradients_only_while_frozen():
+def test_last_layer_is_frozen_only_during_the_first_epochs():
     head = DINOHead(8, 16, norm_last_layer=False, hidden_dim=12, bottleneck_dim=4)
-    for epoch, frozen in ((0, True), (1, False)):
-        head.zero_grad(set_to_none=True)
-        head(torch.randn(5, 8)).sum().backward()
-        cancel_gradients_last_layer(epoch, head, freeze_last_layer=1)
-        assert (head.last_layer.weight_v.grad is None) == frozen
-        assert (head.last_layer.weight_g.grad is None) == frozen
+    last = {id(head.last_layer.weight_v), id(head.last_layer.weight_g)}
+    assert {id(p) for p in frozen_last_layer(0, head, freeze_last_layer=1)} == last
+    assert frozen_last_layer(1, head, freeze_last_layer=1) == []
+    assert frozen_last_layer(0, head, freeze_last_layer=0) == []
+    # held still the upstream way on torch's optimizers: no gradient, so AdamW never touches it
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.1)
+    head(torch.randn(5, 8)).sum().backward()
+    with held_still(optimizer, frozen_last_layer(0, head, freeze_last_layer=1)):
+        assert head.last_layer.weight_v.grad is None and head.last_layer.weight_g.grad is None
         assert head.mlp[0].weight.grad is not None
 
 

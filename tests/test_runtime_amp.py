@@ -8,6 +8,8 @@ import torch
 from ssl_runtime.amp import MixedPrecision, NullScaler
 from ssl_runtime.errors import UserError
 
+# torch.amp.GradScaler in recent torch, torch.cuda.amp.GradScaler in torch 2.1
+CUDA_SCALER = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler
 # On machines without a GPU, torch warns that the CUDA GradScaler it builds is disabled: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*CUDA is not available")
 
@@ -21,7 +23,7 @@ def test_o0_is_plain_fp32():
 def test_o1_o2_on_gpu_use_fp16_with_grad_scaler(level):
     mp = MixedPrecision.from_level(level, "cuda")
     assert mp.dtype == torch.float16 and mp.enabled
-    assert isinstance(mp.scaler, torch.amp.GradScaler)
+    assert isinstance(mp.scaler, CUDA_SCALER)
 
 
 def test_cpu_defaults_to_fp32_and_bf16_is_selectable(monkeypatch):
