@@ -17,6 +17,11 @@ def teacher_temperature_schedule(warmup_teacher_temp: float, teacher_temp: float
     return np.concatenate((warmup, np.full(epochs - warmup_epochs, teacher_temp)))
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 network outputs are scored in float32 (as upstream); float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class DINOLoss(nn.Module):
     """Average over (teacher view, student view) pairs with different views of
     H(softmax((t - center) / T_teacher), softmax(s / T_student)).
@@ -40,11 +45,11 @@ class DINOLoss(nn.Module):
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
         n_teacher = 2
         batch = teacher_output.shape[0] // n_teacher
-        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+        student_logp = F.log_softmax(_at_least_float32(student_output) / self.student_temp, dim=-1)
         student_logp = student_logp.view(self.ncrops, batch, -1)
 
         temp = float(self.teacher_temp_schedule[epoch])
-        teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        teacher_p = F.softmax((_at_least_float32(teacher_output) - self.center) / temp, dim=-1).detach()
         teacher_p = teacher_p.view(n_teacher, batch, -1)
 
         # sum_{t, s} <p_t, log q_s> over all pairs, minus the pairs where t and s are the same view
@@ -59,7 +64,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """EMA of the teacher's mean output over the global batch (all ranks)."""
-        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+        batch_center = _at_least_float32(teacher_output).sum(dim=0, keepdim=True)
         all_reduce_sum_(batch_center)
         batch_center /= teacher_output.shape[0] * get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
