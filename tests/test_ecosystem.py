@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import copy
 import io
 import json
 import sys
@@ -142,12 +143,14 @@ def _printed_call(output: str) -> str:
 
 
 def _assert_same_features(ours: torch.nn.Module, theirs: torch.nn.Module, size: int) -> None:
+    """Same features in float64, where two builds of one network agree to ~1e-15 on any CPU (sums
+    of < 2**14 terms per layer); a missing or misplaced weight changes them by 1e-2 or more."""
     torch.manual_seed(1)
-    images = torch.randn(3, 3, size, size)
-    ours, theirs = ours.eval(), theirs.eval()
+    images = torch.randn(3, 3, size, size, dtype=torch.float64)
+    ours, theirs = copy.deepcopy(ours).eval().double(), copy.deepcopy(theirs).eval().double()
     with torch.no_grad():
-        assert torch.allclose(ours.forward_features(images), theirs.forward_features(images), atol=1e-5)
-        assert torch.allclose(ours(images), theirs(images), atol=1e-5)
+        assert torch.allclose(ours.forward_features(images), theirs.forward_features(images), rtol=0, atol=1e-9)
+        assert torch.allclose(ours(images), theirs(images), rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("key", ["teacher", "student"])
