@@ -258,12 +258,14 @@ def test_plot_dino_and_moby_logs(dino_run, moby_run, tmp_path):
     from ssl_runtime import plot_log
 
     run_quietly(plot_log.main, [str(dino_run / "log.txt"), "--png", str(tmp_path / "dino.png")])
-    assert png_size(tmp_path / "dino.png") == (800, 320)  # loss and lr panels, 400 x 320 each
+    # loss, lr and collapse-signal (teacher entropy, KL) panels, 400 x 320 each
+    assert png_size(tmp_path / "dino.png") == (1200, 320)
     # MoBY: the JSON log.txt, and the text log of a run without one (several series in one picture)
     run_quietly(plot_log.main, [str(moby_run), str(moby_run / "log_rank0.txt"), "--png", str(tmp_path / "m.png")])
-    assert png_size(tmp_path / "m.png") == (800, 320)
+    assert png_size(tmp_path / "m.png") == (1200, 320)  # loss, lr, similarities
     steps = plot_log.read_log(moby_run / "log_rank0.txt")
     assert len(steps) == 6 and steps[1]["epoch"] == pytest.approx(1 / 3)  # PRINT_FREQ 1: every step
+    assert {"train_pos_sim", "train_neg_sim", "train_sim_gap"} <= set(steps[1])
 
 
 def test_plot_includes_accuracy_panel(tmp_path):
