@@ -233,3 +233,35 @@ def test_plot_draws_signal_panels(tmp_path):
     with Image.open(png) as image:
         assert image.size == (3 * 400, 320)
 
+
+
+# ---------------------------------------------------------------- the k-NN probe
+
+def test_knn_probe_on_raw_pixels(tiny_imagefolder, cpu_ctx):
+    from dino.augment import eval_transform
+    from ssl_runtime.data import SafeImageFolder
+    from ssl_runtime.knn import KnnProbe
+
+    transform = eval_transform(32)
+    probe = KnnProbe(SafeImageFolder(tiny_imagefolder / "train", transform=transform),
+                     SafeImageFolder(tiny_imagefolder / "val", transform=transform), 2, cpu_ctx,
+                     batch_size=8, num_workers=0)
+    assert [probe.due(epoch) for epoch in range(4)] == [False, True, False, True]
+    backbone = torch.nn.Flatten().train()
+    # raw pixels separate the classes (which third of the image is bright): every neighbour agrees
+    assert probe(backbone) == 100.0
+    assert backbone.training  # the probe puts the backbone back in training mode
+    assert probe.line(1, 100.0, "raw pixels") == ("k-NN probe after epoch 1: 20-NN top-1 100.00 % "
+                                                  "(raw pixels; 24 train / 24 val images)")
+
+
+def test_dino_knn_probe_needs_val_beside_the_training_folder(tmp_path, cpu_ctx):
+    from dino.main_dino import build_knn_probe, get_args_parser
+    from ssl_runtime.errors import UserError
+    from tests.conftest import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "data", splits=("train",))
+    args = get_args_parser().parse_args(["--knn_every", "1"])
+    with pytest.raises(UserError, match=r"--knn_every needs labelled validation images in .*val"):
+        build_knn_probe(args, root / "train", cpu_ctx)
+    assert build_knn_probe(get_args_parser().parse_args([]), root / "train", cpu_ctx) is None
