@@ -104,7 +104,8 @@ def plot_logs(logs: dict[str, list[dict]], png: str | Path, title: str | None = 
                     series = name if len(logs) == 1 else f"{label}: {name}"
                     axis.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=series)
         if panel == ENTROPY_PANEL:  # entropy near this line with KL near 0: uniform collapse
-            for value in sorted({r["ln_out_dim"] for r in all_records if isinstance(r.get("ln_out_dim"), float)}):
+            for value in sorted({r["ln_out_dim"] for r in all_records
+                                 if isinstance(r.get("ln_out_dim"), float)}):
                 axis.axhline(value, color="grey", linestyle="--", linewidth=1, label="ln(out_dim)")
         axis.set_title(panel)
         axis.set_xlabel("epoch")

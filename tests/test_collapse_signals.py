@@ -84,7 +84,8 @@ def test_dino_signals_of_the_two_collapses():
     peaked[:, 3] = 5.0
     one_hot(peaked, peaked, 0)
     assert one_hot.teacher_entropy.item() < 1e-6 and abs(one_hot.kl.item()) < 1e-6
-    assert collapse_kind(one_hot.teacher_entropy.item(), one_hot.kl.item(), math.log(out_dim)) == "one dimension"
+    kind = collapse_kind(one_hot.teacher_entropy.item(), one_hot.kl.item(), math.log(out_dim))
+    assert kind == "one dimension"
 
 
 def test_collapse_kind_thresholds():
@@ -204,16 +205,19 @@ def test_moby_line_with_signals_appends_them_after_upstreams(tmp_path):
                                   logger=types.SimpleNamespace(info=lines.append))
     config = types.SimpleNamespace(TRAIN=types.SimpleNamespace(EPOCHS=100))
     meters = {name: SmoothedValue() for name in ("loss", "norm", "pos_sim", "neg_sim", "sim_gap")}
-    for name, value in (("loss", 16.5), ("norm", 2.0), ("pos_sim", 0.75), ("neg_sim", 0.25), ("sim_gap", 0.5)):
+    values = {"loss": 16.5, "norm": 2.0, "pos_sim": 0.75, "neg_sim": 0.25, "sim_gap": 0.5}
+    for name, value in values.items():
         meters[name].update(torch.tensor(value))
     batch_time = types.SimpleNamespace(val=0.1, avg=0.2)
     signals = {name: meters[name] for name in ("pos_sim", "neg_sim", "sim_gap")}
     log_train_line(config, 0, 10, 312, batch_time, state, meters["loss"], meters["norm"], signals)
     log_train_line(config, 0, 10, 312, batch_time, state, meters["loss"], meters["norm"])  # linear eval
-    assert lines[0] == lines[1] + "\tpos_sim 0.7500 (0.7500)\tneg_sim 0.2500 (0.2500)\tsim_gap 0.5000 (0.5000)"
+    assert lines[0] == lines[1] + ("\tpos_sim 0.7500 (0.7500)\tneg_sim 0.2500 (0.2500)"
+                                   "\tsim_gap 0.5000 (0.5000)")
     assert lines[1] == ("Train: [0/100][10/312]\teta 0:01:00 lr 0.001000\ttime 0.1000 (0.2000)\t"
                         "loss 16.5000 (16.5000)\tgrad_norm 2.0000 (2.0000)\tmem 0MB")
-    (tmp_path / "log_rank0.txt").write_text(lines[0] + "\nThroughput: 1.0 images/s (1.0 s/step over 1 steps\n")
+    throughput = "Throughput: 1.0 images/s (1.0 s/step over 1 steps"
+    (tmp_path / "log_rank0.txt").write_text(f"{lines[0]}\n{throughput}\n")
     assert report.parse_train_log(tmp_path / "log_rank0.txt").loss == "16.5000"
     record = plot_log.read_log(tmp_path / "log_rank0.txt")[0]
     assert record == {"epoch": pytest.approx(10 / 312), "train_lr": 0.001, "train_loss": 16.5,
@@ -225,8 +229,10 @@ def test_plot_draws_signal_panels(tmp_path):
                 "train_kl": 0.5 + e, "ln_out_dim": math.log(4096)} for e in range(3)]
     assert plot_log.panels_of(records) == {"loss": ["train_loss"], "learning rate": ["train_lr"],
                                            plot_log.ENTROPY_PANEL: ["train_kl", "train_teacher_entropy"]}
-    moby = [{"epoch": 0.5, "train_loss": 9.0, "train_sim_gap": 0.1, "train_pos_sim": 0.5, "train_neg_sim": 0.4}]
-    assert plot_log.panels_of(moby)["similarity (cosine)"] == ["train_neg_sim", "train_pos_sim", "train_sim_gap"]
+    moby = [{"epoch": 0.5, "train_loss": 9.0, "train_sim_gap": 0.1, "train_pos_sim": 0.5,
+             "train_neg_sim": 0.4}]
+    assert plot_log.panels_of(moby)["similarity (cosine)"] == ["train_neg_sim", "train_pos_sim",
+                                                               "train_sim_gap"]
     png = plot_log.plot_logs({"run": records}, tmp_path / "log.png")
     from PIL import Image
 

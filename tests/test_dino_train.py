@@ -42,8 +42,8 @@ def trained(tmp_path_factory):
         buffer = io.StringIO()
         try:
             with redirect_stdout(buffer):
-                main_dino.main(TRAIN + ["--data_path", str(data), "--output_dir", str(out), "--epochs", epochs,
-                                        "--knn_every", "1"])
+                main_dino.main(TRAIN + ["--data_path", str(data), "--output_dir", str(out),
+                                        "--epochs", epochs, "--knn_every", "1"])
         finally:
             builtins.print = saved_print
         logs.append(buffer.getvalue())
@@ -55,12 +55,13 @@ def test_training_writes_checkpoint_log_and_throughput(trained):
     first = logs[0]
     assert re.search(r"Epoch: \[0/1\]\s+\[0/6\]\s+eta: .*loss: [\d.]+ \([\d.]+\)", first)
     # the collapse signals follow upstream's fields; the launch scripts still read the loss
-    assert re.search(r"  wd: [\d.]+ \([\d.]+\)  teacher_entropy: [\d.]+ \([\d.]+\)  kl: -?[\d.]+ \([\d.]+\)  time: ",
-                     first)
+    assert re.search(r"  wd: [\d.]+ \([\d.]+\)  teacher_entropy: [\d.]+ \([\d.]+\)  "
+                     r"kl: -?[\d.]+ \([\d.]+\)  time: ", first)
     averaged = re.search(r"Averaged stats: loss: ([\d.]+) \(", first).group(1)
     (out / "first.log").write_text(first)
     assert report.parse_train_log(out / "first.log").loss == averaged
-    assert re.search(r"k-NN probe after epoch 0: 20-NN top-1 [\d.]+ % \(teacher backbone; 24 train / 24 val", first)
+    assert re.search(r"k-NN probe after epoch 0: 20-NN top-1 [\d.]+ % \(teacher backbone; "
+                     r"24 train / 24 val", first)
     assert re.search(r"Throughput: [\d.]+ images/s \([\d.]+ s/step over \d+ steps", first)
     assert (out / "checkpoint0000.pth").is_file()  # saveckp_freq 20 keeps epoch 0
     ckpt = load_checkpoint(out / "checkpoint.pth")

@@ -149,7 +149,8 @@ def _assert_same_features(ours: torch.nn.Module, theirs: torch.nn.Module, size: 
     images = torch.randn(3, 3, size, size, dtype=torch.float64)
     ours, theirs = copy.deepcopy(ours).eval().double(), copy.deepcopy(theirs).eval().double()
     with torch.no_grad():
-        assert torch.allclose(ours.forward_features(images), theirs.forward_features(images), rtol=0, atol=1e-9)
+        assert torch.allclose(ours.forward_features(images), theirs.forward_features(images),
+                              rtol=0, atol=1e-9)
         assert torch.allclose(ours(images), theirs(images), rtol=0, atol=1e-9)
 
 
