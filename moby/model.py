@@ -74,8 +74,8 @@ def contrastive_terms(query: torch.Tensor, key: torch.Tensor, queue: torch.Tenso
     negatives = query @ queue.detach().clone()
     logits = torch.cat([positive, negatives], dim=1) / temperature
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return ContrastiveTerms(F.cross_entropy(logits, labels), positive.detach().mean(),
-                            negatives.detach().mean())
+    return ContrastiveTerms(F.cross_entropy(logits, labels), positive.detach().float().mean(),
+                            negatives.detach().float().mean())
 
 
 def contrastive_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
