@@ -25,11 +25,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dino.augment import DataAugmentationDINO  # noqa: E402
+from dino.augment import DataAugmentationDINO, eval_transform  # noqa: E402
 from dino.checkpoints import load_training_state  # noqa: E402
-from dino.loss import DINOLoss  # noqa: E402
+from dino.loss import COLLAPSE_KL_FRACTION, DINOLoss, collapse_kind  # noqa: E402
 from dino.models import build_dino_networks, canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
+from ssl_runtime.collapse import CollapseWatch  # noqa: E402
 from ssl_runtime.checkpoint import add_trust_arg, load_first_readable, previous_path, save_atomic  # noqa: E402
 from ssl_runtime.data import (SafeImageFolder, build_loader, limit_images, resolve_data_path,  # noqa: E402
                               set_loader_epoch)
@@ -43,6 +44,7 @@ from ssl_runtime.meters import MetricLogger, ThroughputMeter  # noqa: E402
 from ssl_runtime.misc import bool_flag, fix_random_seeds  # noqa: E402
 from ssl_runtime.resilience import (StepCheckpointer, StepHealth, StopSignal, restore_rng_state,  # noqa: E402
                                     rng_state, skip_batches)
+from ssl_runtime.knn import KnnProbe  # noqa: E402
 from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
 from ssl_runtime.optim import (OPTIMIZERS, build_optimizer, clear_gradients, held_still,  # noqa: E402
                                param_groups_weight_decay)
@@ -129,6 +131,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", default=False, type=bool_flag,
                         help="torch.compile the student and teacher backbones (CUDA, CPU; not NPU)")
     parser.add_argument("--num_workers", default=10, type=int, help="data loading workers per process")
+    parser.add_argument("--knn_every", default=0, type=int,
+                        help="(ours) every N epochs, a quick 20-NN top-1 of the teacher's backbone on "
+                             "fixed 5,000 train / 1,000 val images (val/ beside the training folder), "
+                             "to see the features improve while training runs; 0: off")
     parser.add_argument("--tensorboard", default=True, type=bool_flag,
                         help="write TensorBoard scalars to <output_dir>/tensorboard (rank 0, when the "
                              "tensorboard package is installed)")
@@ -175,15 +181,29 @@ def validate_args(args: argparse.Namespace) -> None:
     _check_scale("global_crops_scale", args.global_crops_scale)
     _check_scale("local_crops_scale", args.local_crops_scale)
     if min(args.clip_grad, args.freeze_last_layer, args.saveckp_freq, args.max_train_images,
-           args.saveckp_steps) < 0:
-        raise UserError("--clip_grad, --freeze_last_layer, --saveckp_freq, --saveckp_steps and "
-                        "--max_train_images must be >= 0")
+           args.saveckp_steps, args.knn_every) < 0:
+        raise UserError("--clip_grad, --freeze_last_layer, --saveckp_freq, --saveckp_steps, "
+                        "--max_train_images and --knn_every must be >= 0")
 
 
 def training_folder(data_path: str | None) -> Path:
     """Upstream points --data_path at the train/ folder itself; a dataset root holding train/ works too."""
     root = resolve_data_path(data_path, need=())
     return root / "train" if (root / "train").is_dir() else root
+
+
+def build_knn_probe(args, data_folder: Path, ctx: DistContext) -> KnnProbe | None:
+    """--knn_every: the probe's train images from the training folder, val images from val/ beside it."""
+    if not args.knn_every:
+        return None
+    val_folder = data_folder.parent / "val"
+    if not val_folder.is_dir():
+        raise UserError(f"--knn_every needs labelled validation images in {val_folder} (beside the "
+                        f"training folder {data_folder}): add them, or leave --knn_every at 0")
+    transform = eval_transform(args.img_size)
+    return KnnProbe(SafeImageFolder(data_folder, transform=transform),
+                    SafeImageFolder(val_folder, transform=transform), args.knn_every, ctx,
+                    args.batch_size_per_gpu, args.num_workers, args.seed)
 
 
 # ---------------------------------------------------------------- one optimisation step's pieces
@@ -211,6 +231,31 @@ def frozen_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> l
 
 
 DINO_ADVICE = "--use_fp16 false, a lower --lr or a higher --clip_grad"
+
+
+COLLAPSE_ADVICE = {
+    "uniform": ("the teacher's output is close to uniform (too little sharpening). Usual remedies: a "
+                "lower --teacher_temp / --warmup_teacher_temp (0.04), a higher --momentum_teacher "
+                "(0.9995 for small batches), a smaller --out_dim, --use_bn_in_head true, a lower --lr"),
+    "one dimension": ("the teacher's output sits on one dimension (too little centring). Usual "
+                      "remedies: a lower --lr, a higher --momentum_teacher, a smaller --out_dim, "
+                      "--freeze_last_layer 1 or more, --teacher_temp up to 0.07 after a "
+                      "--warmup_teacher_temp_epochs warm-up"),
+}
+
+
+def dino_collapse_diagnosis(max_entropy: float):
+    """The CollapseWatch diagnosis of DINO's signals (teacher_entropy, kl; see dino.loss)."""
+    def diagnose(values) -> str | None:
+        entropy, kl = values["teacher_entropy"], values["kl"]
+        kind = collapse_kind(entropy, kl, max_entropy)
+        if kind is None:
+            return None
+        return (f"the KL between teacher and student is {kl:.4f}, below "
+                f"{COLLAPSE_KL_FRACTION:.0%} of ln(out_dim) = {max_entropy:.3f}, and the teacher's "
+                f"entropy is {entropy:.3f} ({entropy / max_entropy:.0%} of ln(out_dim)): "
+                f"{COLLAPSE_ADVICE[kind]}")
+    return diagnose
 
 
 class NonFiniteLossGuard(StepHealth):
@@ -259,7 +304,8 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
                     args, ctx: DistContext, throughput: ThroughputMeter, guard: NonFiniteLossGuard,
                     steps_left: int | None, start_step: int = 0,
                     checkpointer: StepCheckpointer | None = None,
-                    monitor: TrainingMonitor = TrainingMonitor.disabled()) -> tuple[dict, int, bool]:
+                    monitor: TrainingMonitor = TrainingMonitor.disabled(),
+                    collapse: CollapseWatch | None = None) -> tuple[dict, int, bool]:
     """One pass over the data (or fewer steps) from batch `start_step` on (a mid-epoch resume);
     returns (stats, steps done, epoch completed)."""
     lr_schedule, wd_schedule, momentum_schedule = schedules
@@ -284,11 +330,16 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
         metric_logger.update(loss=loss)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+        # (ours) the collapse signals, after upstream's fields
+        signals = {"teacher_entropy": dino_loss.teacher_entropy, "kl": dino_loss.kl}
+        metric_logger.update(**signals)
+        if collapse is not None and it % PRINT_FREQ == 0:  # read when the line is printed anyway
+            collapse.observe(global_it, {name: metric_logger.meters[name].median for name in signals})
         throughput.step()
         steps += 1
         monitor.step(global_it, loss=loss, lr=optimizer.param_groups[0]["lr"],
                      wd=optimizer.param_groups[0]["weight_decay"], momentum=momentum_schedule[global_it],
-                     teacher_temp=dino_loss.teacher_temp_schedule[epoch])
+                     teacher_temp=dino_loss.teacher_temp_schedule[epoch], **signals)
         if checkpointer is not None:
             checkpointer.after_step(epoch, it + 1, len(data_loader))
     guard.check(len(data_loader) * epoch + start_step + steps - 1, loss)
@@ -406,6 +457,7 @@ def train_dino(args: argparse.Namespace) -> None:
     data_loader = build_loader(dataset, args.batch_size_per_gpu, args.num_workers, ctx,
                                shuffle=True, drop_last=True, seed=args.seed)
     print(f"Data loaded: there are {len(dataset)} images.")
+    knn_probe = build_knn_probe(args, data_folder, ctx)
 
     # ============ student and teacher ============
     student, teacher = build_student_teacher(args, ctx)
@@ -441,6 +493,9 @@ def train_dino(args: argparse.Namespace) -> None:
     monitor = TrainingMonitor(Path(args.output_dir) / TENSORBOARD_DIR, ctx.is_main, every=PRINT_FREQ,
                               images_per_step=args.batch_size_per_gpu * ctx.world_size,
                               enabled=args.tensorboard, epoch_means=False)  # MetricLogger has them
+    # watched from the end of the lr warm-up on; 5 checks in a row = 50 steps of 20-step medians
+    collapse = CollapseWatch(dino_collapse_diagnosis(dino_loss.max_entropy),
+                             start_step=args.warmup_epochs * niter, patience=5)
     start_time = time.time()
     print("Starting DINO training !")
     steps_done = 0
@@ -451,16 +506,23 @@ def train_dino(args: argparse.Namespace) -> None:
         stats, steps, completed = train_one_epoch(
             student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch, args, ctx,
             throughput, guard, None if args.num_steps is None else budget - steps_done,
-            start_step if epoch == start_epoch else 0, checkpointer, monitor)
+            start_step if epoch == start_epoch else 0, checkpointer, monitor, collapse)
         monitor.scalars(epoch, "epoch", stats)
         steps_done += steps
         # an epoch cut short by --num_steps resumes at the batch where it stopped
         cut_at = 0 if completed else steps + (start_step if epoch == start_epoch else 0)
         save_checkpoint(args, epoch + 1 if completed else epoch, student, teacher, optimizer, mp,
                         dino_loss, epoch, ctx, cut_at)
+        record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                  "ln_out_dim": dino_loss.max_entropy}
+        if knn_probe is not None and completed and knn_probe.due(epoch):
+            top1 = knn_probe(teacher.backbone)
+            print(knn_probe.line(epoch, top1, "teacher backbone"), flush=True)
+            monitor.scalars(epoch, "val", {"knn_probe_acc1": top1})
+            record["test_knn_probe_acc1"] = top1
         if ctx.is_main:
             with (Path(args.output_dir) / "log.txt").open("a") as f:
-                f.write(json.dumps({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}) + "\n")
+                f.write(json.dumps(record) + "\n")
     checkpointer.close()
     monitor.close()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))

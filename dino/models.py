@@ -56,7 +56,9 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.
         return pos_embed
     side, dim = math.sqrt(num_patches), pos_embed.shape[-1]
     patches = pos_embed[:, 1:].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
+    if patches.dtype in (torch.float16, torch.bfloat16):
+        patches = patches.float()  # bicubic resampling in half precision loses digits
+    patches = F.interpolate(patches, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
                             mode="bicubic")
     patches = patches.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(pos_embed.dtype)
     return torch.cat((pos_embed[:, :1], patches), dim=1)

@@ -63,6 +63,9 @@ def add_pretrain_limits(parser: argparse.ArgumentParser) -> None:
                         help="stop after this many training iterations (performance runs)")
     parser.add_argument("--max_epochs", type=int,
                         help="stop before this epoch while keeping the TRAIN.EPOCHS-long schedules")
+    parser.add_argument("--knn_every", type=int,
+                        help="(ours) every N epochs, a quick 20-NN top-1 of the online encoder on fixed "
+                             "5,000 train / 1,000 val images (TRAIN.KNN_EVERY; 0: off)")
 
 
 def parse_config(parser: argparse.ArgumentParser,

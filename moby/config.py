@@ -117,6 +117,9 @@ _C.TRAIN.COMPILE = False
 # (ours) also save checkpoint.pth every this many iterations inside an epoch, so an interrupted
 # run loses at most that many; 0 = only at epoch ends (upstream).
 _C.TRAIN.SAVE_STEPS = 0
+# (ours) every this many epochs, a quick 20-NN top-1 of the online encoder on fixed 5,000 train /
+# 1,000 val images (ssl_runtime.knn.KnnProbe), to see the features improve during pre-training; 0 = off.
+_C.TRAIN.KNN_EVERY = 0
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # 'cosine', 'linear' or 'step'
@@ -243,6 +246,7 @@ _CLI_OVERRIDES = (
     ("steps", "TRAIN.STEPS"),
     ("max_epochs", "TRAIN.MAX_EPOCHS"),
     ("compile", "TRAIN.COMPILE"),
+    ("knn_every", "TRAIN.KNN_EVERY"),
     ("device", "DEVICE"),
 )
 
@@ -287,6 +291,7 @@ _LOWER_BOUNDS = (
     ("TRAIN.WARMUP_EPOCHS", 0, "0 or more epochs"),
     ("TRAIN.ACCUMULATION_STEPS", 0, "--accumulation-steps N with N >= 1"),
     ("TRAIN.SAVE_STEPS", 0, "0 (only at epoch ends) or a positive number of iterations"),
+    ("TRAIN.KNN_EVERY", 0, "--knn_every N: 0 (off) or a positive number of epochs"),
     ("TRAIN.BASE_LR", 0, "a positive learning rate"),
     ("TRAIN.CLIP_GRAD", 0, "0 (no clipping) or a positive norm"),
     ("SAVE_FREQ", 1, "--opts SAVE_FREQ N with N >= 1"),

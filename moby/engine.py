@@ -8,6 +8,7 @@ import datetime
 import logging
 import math
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +24,7 @@ from ssl_runtime.meters import AverageMeter, SmoothedValue, ThroughputMeter
 from ssl_runtime.optim import clear_gradients
 from ssl_runtime.resilience import StepCheckpointer, StepHealth, restore_rng_state
 from ssl_runtime.monitor import TrainingMonitor
+from ssl_runtime.collapse import CollapseWatch
 
 from .checkpoint import TRUST_FLAG, auto_resume_candidates, read_checkpoint, resume
 from .config import set_values
@@ -49,6 +51,10 @@ class TrainState:
     monitor: TrainingMonitor = field(default_factory=TrainingMonitor.disabled)  # TensorBoard, epoch means
     # (ours) TRAIN.SKIP_NON_FINITE: skip a step whose gradient is NaN/inf instead of stopping
     skip_non_finite: bool = False
+    # (ours) per-step signals of the model (device tensors, e.g. MoBY's similarity gap) appended to
+    # the train line, TensorBoard and log.txt, and the watch that warns when they show a collapse
+    signals: Callable[[], dict[str, torch.Tensor]] | None = None
+    collapse: CollapseWatch | None = None
 
 
 def last_epoch(config: CfgNode) -> int:
@@ -142,6 +148,7 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
     batch_time = AverageMeter()
     # device tensors, read (one host sync) only when a line is printed
     losses, norms = SmoothedValue(), SmoothedValue()
+    signal_meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
     start = end = time.time()
     first, state.resume_step = state.resume_step, 0  # the loader already skips those batches
     for idx, batch in enumerate(loader, start=first):
@@ -154,11 +161,15 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
                                      accumulation, boundary)
         if state.health is not None:
             state.health.record(loss)
+        signals = state.signals() if state.signals is not None else {}
+        for name, value in signals.items():
+            signal_meters[name].update(value)
         if grad_norm is not None:
             norms.update(grad_norm)
             state.lr_scheduler.step_update(epoch * num_steps + idx)
             group = state.optimizer.param_groups[0]
-            state.monitor.step(epoch * num_steps + idx, loss=loss, lr=group["lr"], wd=group["weight_decay"])
+            state.monitor.step(epoch * num_steps + idx, loss=loss, lr=group["lr"], wd=group["weight_decay"],
+                               **signals)
             if state.checkpointer is not None:
                 state.checkpointer.after_step(epoch, idx + 1, num_steps)
         losses.update(loss.float())
@@ -167,7 +178,10 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
         if idx % config.PRINT_FREQ == 0:
             if state.health is not None:
                 state.health.check(epoch * num_steps + idx)
-            log_train_line(config, epoch, idx, num_steps, batch_time, state, losses, norms)
+            log_train_line(config, epoch, idx, num_steps, batch_time, state, losses, norms, signal_meters)
+            if state.collapse is not None and signal_meters:
+                state.collapse.observe(epoch * num_steps + idx,
+                                       {name: meter.median for name, meter in signal_meters.items()})
     if state.health is not None:
         state.health.check((epoch + 1) * num_steps - 1)
     state.logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
@@ -175,20 +189,24 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
 
 
 def log_train_line(config: CfgNode, epoch: int, idx: int, num_steps: int, batch_time: AverageMeter,
-                   state: TrainState, losses: SmoothedValue, norms: SmoothedValue) -> None:
-    """Upstream's line, field for field (the launch scripts parse `time` and `loss` from it)."""
+                   state: TrainState, losses: SmoothedValue, norms: SmoothedValue,
+                   signals: dict[str, SmoothedValue] | None = None) -> None:
+    """Upstream's line, field for field (the launch scripts parse `time` and `loss` from it);
+    (ours) the model's signals follow as `\tname value (average)`."""
     lr = state.optimizer.param_groups[0]["lr"]
     memory = devices.max_memory_mb(state.ctx.device)
     eta = batch_time.avg * (num_steps - idx)
     loss, loss_avg = losses.value, losses.global_avg
     norm, norm_avg = norms.value, norms.global_avg
+    extra = "".join(f"\t{name} {meter.value:.4f} ({meter.global_avg:.4f})"
+                    for name, meter in (signals or {}).items())
     state.logger.info(
         f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
         f"eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t"
         f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
         f"loss {loss:.4f} ({loss_avg:.4f})\t"
         f"grad_norm {norm:.4f} ({norm_avg:.4f})\t"
-        f"mem {memory:.0f}MB")
+        f"mem {memory:.0f}MB{extra}")
 
 
 def maybe_resume(config: CfgNode, model: torch.nn.Module, state: TrainState) -> float:

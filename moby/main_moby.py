@@ -25,16 +25,17 @@ from yacs.config import CfgNode  # noqa: E402
 from moby.checkpoint import save_checkpoint  # noqa: E402
 from moby.cli import add_pretrain_limits, base_parser, open_output, parse_config, start_run  # noqa: E402
 from moby.config import set_values  # noqa: E402
-from moby.data import build_pretrain_dataset  # noqa: E402
+from moby.data import BICUBIC, build_labelled_datasets, build_pretrain_dataset, eval_transform  # noqa: E402
 from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, accumulation_steps, last_epoch,  # noqa: E402
                          maybe_resume, measure_throughput, prepare_budget, train_one_epoch)
 from moby.model import build_moby, check_queue_size, maybe_compile_encoders  # noqa: E402
-from moby.monitoring import attach_monitor, log_epoch, momentum_source  # noqa: E402
+from moby.monitoring import attach_monitor, collapse_watch, log_epoch, momentum_source  # noqa: E402
 from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.data import build_loader, set_loader_epoch  # noqa: E402
 from ssl_runtime.distributed import DistContext, convert_sync_batchnorm, shutdown, wrap_ddp  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
+from ssl_runtime.knn import KnnProbe  # noqa: E402
 from ssl_runtime.meters import ThroughputMeter  # noqa: E402
 from ssl_runtime.resilience import StepCheckpointer, StepHealth, StopSignal, skip_batches  # noqa: E402
 
@@ -62,6 +63,16 @@ def step_checkpointer(config: CfgNode, moby: torch.nn.Module, state: TrainState,
 
     return StepCheckpointer(save_at, config.TRAIN.SAVE_STEPS, StopSignal(), state.logger.info,
                             check_every=config.PRINT_FREQ)
+
+
+def build_knn_probe(config: CfgNode, ctx: DistContext) -> KnnProbe | None:
+    """TRAIN.KNN_EVERY / --knn_every: the probe over DATA_PATH's train/ and val/ (eval transform)."""
+    if not config.TRAIN.KNN_EVERY:
+        return None
+    transform = eval_transform(config, interpolation=BICUBIC)
+    train, val = build_labelled_datasets(config, transform, transform)
+    return KnnProbe(train, val, config.TRAIN.KNN_EVERY, ctx, config.DATA.BATCH_SIZE,
+                    config.DATA.NUM_WORKERS, config.SEED)
 
 
 def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
@@ -92,6 +103,8 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
                               stop=not config.TRAIN.SKIP_NON_FINITE)
     maybe_resume(config, moby, state)
     attach_monitor(config, state, ctx, logger, global_batch).add_source(momentum_source(moby))
+    state.signals = lambda: moby.signals  # (ours) pos_sim, neg_sim, sim_gap of the last forward
+    state.collapse = collapse_watch(config, steps_per_epoch, ctx.world_size, logger)
     if config.MODEL.RESUME:
         # Upstream fixes the momentum position when the model is built, before the checkpoint is
         # read, so a resumed run restarts the momentum schedule from its start; we continue it.
@@ -107,6 +120,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
         knn_on_encoder(config, moby.encoder, ctx, logger)
         return
 
+    knn_probe = build_knn_probe(config, ctx)
     prepare_budget(config, state, steps_per_epoch)
     state.checkpointer = step_checkpointer(config, moby, state, steps_per_epoch)
     logger.info("Start self-supervised pre-training")
@@ -116,7 +130,11 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
             break
         set_loader_epoch(loader, epoch)
         stopped = train_one_epoch(config, model, loader, epoch, state, moby_loss)
-        log_epoch(config, state, epoch)
+        evaluation = {}
+        if knn_probe is not None and not stopped and knn_probe.due(epoch):
+            evaluation["knn_probe_acc1"] = knn_probe(moby.encoder)
+            logger.info(knn_probe.line(epoch, evaluation["knn_probe_acc1"], "online encoder"))
+        log_epoch(config, state, epoch, **evaluation)
         if stopped:
             # Ascend's --steps exits here without saving; we keep the weights for evaluation.
             logger.info(f"stopped after {config.TRAIN.STEPS} iterations (--steps) inside epoch {epoch}")

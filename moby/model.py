@@ -11,6 +11,8 @@ queue2, queue_ptr) is upstream's, so official MoBY checkpoints load into this mo
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,9 +53,18 @@ class MoBYMLP(nn.Module):
         return self.linear_out(self.linear_hidden(x))
 
 
-def contrastive_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
-    """InfoNCE with the positive at index 0: CE([q.k+, q.queue] / T, 0).
+class ContrastiveTerms(NamedTuple):
+    """The InfoNCE loss and (ours, for watching collapse) its mean cosine similarities: the
+    positive pair q.k+ over the N queries, the negatives q.k- over the N x K query-queue pairs."""
+
+    loss: torch.Tensor
+    positive_similarity: torch.Tensor
+    negative_similarity: torch.Tensor
+
+
+def contrastive_terms(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
+                      temperature: float) -> ContrastiveTerms:
+    """InfoNCE with the positive at index 0: CE([q.k+, q.queue] / T, 0), and its similarities.
 
     query, key: (N, D), L2-normalised; queue: (D, K) of L2-normalised negatives.
     """
@@ -63,7 +74,13 @@ def contrastive_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor
     negatives = query @ queue.detach().clone()
     logits = torch.cat([positive, negatives], dim=1) / temperature
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, labels)
+    return ContrastiveTerms(F.cross_entropy(logits, labels), positive.detach().float().mean(),
+                            negatives.detach().float().mean())
+
+
+def contrastive_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    return contrastive_terms(query, key, queue, temperature).loss
 
 
 class MoBY(nn.Module):
@@ -96,6 +113,7 @@ class MoBY(nn.Module):
         # Host copy of queue_ptr so that enqueuing never waits for the device; re-read after loading.
         self._ptr: int | None = None
         self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_ptr", None))
+        self.signals: dict[str, torch.Tensor] = {}  # the last forward's, see similarity_signals
 
     # ---------------------------------------------------------------- target branch
     def momentum(self) -> float:
@@ -139,11 +157,31 @@ class MoBY(nn.Module):
             key_1 = F.normalize(self.projector_k(self.encoder_k(im_1)), dim=1)
             key_2 = F.normalize(self.projector_k(self.encoder_k(im_2)), dim=1)
 
-        loss = contrastive_loss(pred_1, key_2, self.queue2, self.contrast_temperature) \
-            + contrastive_loss(pred_2, key_1, self.queue1, self.contrast_temperature)
+        terms = (contrastive_terms(pred_1, key_2, self.queue2, self.contrast_temperature),
+                 contrastive_terms(pred_2, key_1, self.queue1, self.contrast_temperature))
+        loss = terms[0].loss + terms[1].loss
+        self.signals = similarity_signals(terms)
 
         self.dequeue_and_enqueue(key_1, key_2)
         return loss
+
+
+def similarity_signals(terms: Sequence[ContrastiveTerms]) -> dict[str, torch.Tensor]:
+    """(ours) MoBY's collapse signals, as 0-d device tensors averaged over the two directions:
+
+    - `pos_sim`: mean cosine similarity of a view's prediction and the other view's target key;
+    - `neg_sim`: mean cosine similarity of a prediction and the queue's keys of other images;
+    - `sim_gap` = pos_sim - neg_sim, in [-2, 2]: the margin by which the positive logit exceeds
+      the negative ones, in units of the temperature T: logits differ by sim_gap / T on average.
+
+    A healthy run pulls pos_sim towards 1 and keeps neg_sim near 0 (keys spread over the sphere).
+    Collapse, every image mapped to one point, makes the positive key and the queued keys alike:
+    pos_sim = neg_sim, sim_gap 0, and the loss sits at ln(1 + K), the positive being no likelier
+    than any of the K negatives.
+    """
+    positive = sum(t.positive_similarity for t in terms) / len(terms)
+    negative = sum(t.negative_similarity for t in terms) / len(terms)
+    return {"pos_sim": positive, "neg_sim": negative, "sim_gap": positive - negative}
 
 
 def queue_size_message(queue_size: int, global_batch: int) -> str:

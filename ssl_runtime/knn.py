@@ -112,3 +112,47 @@ def evaluate_knn(backbone: torch.nn.Module, train_set: Dataset, val_set: Dataset
     val_f, val_y = features(val_set, "val features")
     num_classes = len(getattr(train_set, "classes", [])) or None
     return knn_classify_all(train_f, train_y, val_f, val_y, ks, temperature, num_classes)
+
+
+# (ours) The k-NN probe run during training: fixed random subsets, so that successive readings
+# compare the network with itself (not with other images), small enough to take seconds.
+PROBE_TRAIN_IMAGES = 5000
+PROBE_VAL_IMAGES = 1000
+PROBE_K = 20
+
+
+class KnnProbe:
+    """Every `every` epochs, the weighted 20-NN top-1 accuracy (upstream's voting, T = 0.07) of a
+    backbone's features on fixed subsets of train/ (PROBE_TRAIN_IMAGES) and val/ (PROBE_VAL_IMAGES).
+
+    A cheap reading of whether the features improve while training runs; the full evaluation
+    (eval_knn, all images) stays the figure to report. Every rank must call it (features are
+    extracted in shards and gathered).
+    """
+
+    def __init__(self, train_set, val_set, every: int, ctx: DistContext, batch_size: int,
+                 num_workers: int, seed: int = 0):
+        from .data import limit_images
+
+        self.train_set = limit_images(train_set, PROBE_TRAIN_IMAGES, seed)
+        self.val_set = limit_images(val_set, PROBE_VAL_IMAGES, seed)
+        self.every, self.ctx = every, ctx
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def due(self, epoch: int) -> bool:
+        """After epoch `epoch` (0-based) every `every` epochs."""
+        return self.every > 0 and (epoch + 1) % self.every == 0
+
+    def __call__(self, backbone: torch.nn.Module) -> float:
+        """Top-1 accuracy (percent); the backbone's train/eval mode is left as it was."""
+        was_training = backbone.training
+        try:
+            results = evaluate_knn(backbone, self.train_set, self.val_set, self.ctx, self.batch_size,
+                                   self.num_workers, ks=(PROBE_K,))
+        finally:
+            backbone.train(was_training)
+        return results[PROBE_K][0]
+
+    def line(self, epoch: int, top1: float, what: str) -> str:
+        return (f"k-NN probe after epoch {epoch}: {PROBE_K}-NN top-1 {top1:.2f} % ({what}; "
+                f"{len(self.train_set)} train / {len(self.val_set)} val images)")

@@ -1,4 +1,4 @@
-"""Plot a run's log to a PNG: loss, learning rate and accuracy over epochs.
+"""Plot a run's log to a PNG: loss, learning rate, accuracy and collapse signals over epochs.
 
     python -m ssl_runtime.plot_log out/dino/log.txt --png out/dino/log.png
     python -m ssl_runtime.plot_log output/<MODEL.NAME>/pretrain/log.txt output/<MODEL.NAME>/linear/log.txt
@@ -6,7 +6,8 @@
 Reads the JSON-lines log.txt that DINO (main_dino.py, eval_linear.py) and MoBY (main_moby.py,
 main_linear.py) write once per epoch, and MoBY's text log (log_rank0.txt: its `Train:` lines per
 print step and `Acc@1` lines). Several logs are drawn as several series. One panel per quantity
-found (loss, lr, accuracy); the picture is 400 x 320 pixels per panel.
+found (loss, lr, accuracy, DINO's teacher entropy and KL with ln(out_dim) dashed, MoBY's
+similarities); the picture is 400 x 320 pixels per panel.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from pathlib import Path
 from .errors import UserError, main_entry
 
 PANEL_INCHES = (4.0, 3.2)
+ENTROPY_PANEL = "teacher entropy, KL (nats)"
 DPI = 100
 
 # MoBY: "Train: [e/E][i/N]\teta ... lr 0.000100\ttime ...\tloss 8.1234 (8.2345)\t..."
 MOBY_TRAIN = re.compile(r"Train: \[(\d+)/\d+\]\[(\d+)/(\d+)\].*?\blr ([\d.eE+-]+)"
                         r".*?\bloss ([\d.eE+-]+|nan|inf)")
+MOBY_SIGNAL = re.compile(r"\t(pos_sim|neg_sim|sim_gap) ([-\d.eE+]+|nan|inf) \(")  # (ours), after `mem`
 MOBY_ACC = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)")
 MOBY_EPOCH_END = re.compile(r"EPOCH (\d+) training takes")
 
@@ -54,8 +57,10 @@ def _read_moby_text(lines: list[str]) -> list[dict]:
         if (match := MOBY_TRAIN.search(line)):
             epoch, step, steps = int(match[1]), int(match[2]), int(match[3])
             last_epoch = epoch
-            records.append({"epoch": epoch + step / max(steps, 1), "train_lr": float(match[4]),
-                            "train_loss": float(match[5])})
+            record = {"epoch": epoch + step / max(steps, 1), "train_lr": float(match[4]),
+                      "train_loss": float(match[5])}
+            record.update({f"train_{name}": float(value) for name, value in MOBY_SIGNAL.findall(line)})
+            records.append(record)
         elif (match := MOBY_EPOCH_END.search(line)):
             last_epoch = int(match[1])
         elif (match := MOBY_ACC.search(line)):
@@ -72,6 +77,8 @@ def panels_of(records: list[dict]) -> dict[str, list[str]]:
         "loss": [f for f in fields if f.endswith("loss")],
         "learning rate": [f for f in fields if f.endswith("_lr") or f == "lr"],
         "accuracy (%)": [f for f in fields if "acc" in f],
+        ENTROPY_PANEL: [f for f in fields if f.endswith(("teacher_entropy", "_kl"))],
+        "similarity (cosine)": [f for f in fields if f.endswith(("_sim", "sim_gap"))],
     }
     return {title: names for title, names in groups.items() if names}
 
@@ -96,6 +103,10 @@ def plot_logs(logs: dict[str, list[dict]], png: str | Path, title: str | None = 
                     xs, ys = zip(*points)
                     series = name if len(logs) == 1 else f"{label}: {name}"
                     axis.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=series)
+        if panel == ENTROPY_PANEL:  # entropy near this line with KL near 0: uniform collapse
+            for value in sorted({r["ln_out_dim"] for r in all_records
+                                 if isinstance(r.get("ln_out_dim"), float)}):
+                axis.axhline(value, color="grey", linestyle="--", linewidth=1, label="ln(out_dim)")
         axis.set_title(panel)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)

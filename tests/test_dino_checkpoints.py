@@ -120,8 +120,8 @@ def test_resnet50_uses_torchvision_key_names():
 
 def test_attention_weights_match_unfused_timm_path():
     torch.manual_seed(0)
-    model = build_backbone("vit_pico", 4, 32).eval()
-    images = torch.randn(2, 3, 24, 32)
+    model = build_backbone("vit_pico", 4, 32).eval().double()  # float64: any CPU agrees to ~1e-16
+    images = torch.randn(2, 3, 24, 32, dtype=torch.float64)
     ours = last_self_attention(model, images)
     captured = {}
     attn = model.blocks[-1].attn
@@ -131,8 +131,9 @@ def test_attention_weights_match_unfused_timm_path():
         model.forward_features(images)
     handle.remove()
     assert ours.shape == (2, 3, 1 + 6 * 8, 1 + 6 * 8)
-    assert torch.allclose(ours, captured["a"], atol=1e-6)
-    assert torch.allclose(ours.sum(-1), torch.ones(2, 3, 49))
+    # weights in [0, 1] from 32-term float64 dot products: ~1e-15 apart; a wrong scale is O(0.1)
+    assert torch.allclose(ours, captured["a"], rtol=0, atol=1e-12)
+    assert torch.allclose(ours.sum(-1), torch.ones(2, 3, 49, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_threshold_masks_keep_requested_mass():

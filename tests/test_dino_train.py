@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import io
 import json
+import math
 import re
 from contextlib import redirect_stdout
 
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from dino import eval_knn, eval_linear, main_dino, visualize_attention
+from ssl_runtime import report
 from ssl_runtime.checkpoint import load_checkpoint
 from tests.conftest import make_imagefolder
 
@@ -40,7 +42,8 @@ def trained(tmp_path_factory):
         buffer = io.StringIO()
         try:
             with redirect_stdout(buffer):
-                main_dino.main(TRAIN + ["--data_path", str(data), "--output_dir", str(out), "--epochs", epochs])
+                main_dino.main(TRAIN + ["--data_path", str(data), "--output_dir", str(out),
+                                        "--epochs", epochs, "--knn_every", "1"])
         finally:
             builtins.print = saved_print
         logs.append(buffer.getvalue())
@@ -51,6 +54,14 @@ def test_training_writes_checkpoint_log_and_throughput(trained):
     _, out, logs = trained
     first = logs[0]
     assert re.search(r"Epoch: \[0/1\]\s+\[0/6\]\s+eta: .*loss: [\d.]+ \([\d.]+\)", first)
+    # the collapse signals follow upstream's fields; the launch scripts still read the loss
+    assert re.search(r"  wd: [\d.]+ \([\d.]+\)  teacher_entropy: [\d.]+ \([\d.]+\)  "
+                     r"kl: -?[\d.]+ \([\d.]+\)  time: ", first)
+    averaged = re.search(r"Averaged stats: loss: ([\d.]+) \(", first).group(1)
+    (out / "first.log").write_text(first)
+    assert report.parse_train_log(out / "first.log").loss == averaged
+    assert re.search(r"k-NN probe after epoch 0: 20-NN top-1 [\d.]+ % \(teacher backbone; "
+                     r"24 train / 24 val", first)
     assert re.search(r"Throughput: [\d.]+ images/s \([\d.]+ s/step over \d+ steps", first)
     assert (out / "checkpoint0000.pth").is_file()  # saveckp_freq 20 keeps epoch 0
     ckpt = load_checkpoint(out / "checkpoint.pth")
@@ -66,7 +77,10 @@ def test_rerun_resumes_from_next_epoch(trained):
     assert "Epoch: [0/2]" not in logs[1] and "Epoch: [1/2]" in logs[1]
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1]
-    assert {"train_loss", "train_lr", "train_wd"} <= set(lines[0])
+    assert {"train_loss", "train_lr", "train_wd", "train_teacher_entropy", "train_kl"} <= set(lines[0])
+    assert lines[0]["ln_out_dim"] == pytest.approx(math.log(64))
+    assert 0 < lines[0]["train_teacher_entropy"] <= math.log(64)
+    assert all(0 <= line["test_knn_probe_acc1"] <= 100 for line in lines)  # --knn_every 1
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["epoch"] == 2
     teacher, student = ckpt["teacher"], ckpt["student"]

@@ -39,29 +39,40 @@ def loop_dino_loss(student, teacher, center, ncrops, student_temp, teacher_temp)
     return total / terms
 
 
+# The loss tests run in float64: its roundoff (1.1e-16 per operation), amplified by logits up to
+# |t| / 0.04 ~ 1e2 and sums of ~1e2 terms, stays below 1e-12 relative on any CPU; a formula slip
+# (a missing pair, the centre after the update) moves the loss by 1e-3 or more.
+LOSS_RTOL = 1e-10
+
+
+def float64_loss(*args, **kwargs) -> DINOLoss:
+    return DINOLoss(*args, **kwargs).double()
+
+
 @pytest.mark.parametrize("ncrops", [2, 3, 5])
 def test_loss_matches_pairwise_loop(ncrops):
     torch.manual_seed(0)
     out_dim, batch = 7, 3
-    loss_fn = DINOLoss(out_dim, ncrops, 0.04, 0.04, 0, 1)
+    loss_fn = float64_loss(out_dim, ncrops, 0.04, 0.04, 0, 1)
     loss_fn.center.copy_(torch.randn(1, out_dim) * 0.1)
-    student, teacher = torch.randn(ncrops * batch, out_dim), torch.randn(2 * batch, out_dim)
+    student = torch.randn(ncrops * batch, out_dim, dtype=torch.float64)
+    teacher = torch.randn(2 * batch, out_dim, dtype=torch.float64)
     expected = loop_dino_loss(student, teacher, loss_fn.center.clone(), ncrops, 0.1, 0.04)
-    assert loss_fn(student, teacher, epoch=0).item() == pytest.approx(float(expected), rel=1e-5)
+    assert loss_fn(student, teacher, epoch=0).item() == pytest.approx(float(expected), rel=LOSS_RTOL)
 
 
 def test_loss_hand_value_two_classes():
     # One sample, two crops, out_dim 2, zero centre: the loss is the mean of two cross-entropies.
-    loss_fn = DINOLoss(2, 2, 0.5, 0.5, 0, 1, student_temp=1.0)
-    teacher = torch.tensor([[0.0, 0.5], [0.5, 0.0]])  # views 0 and 1
-    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    loss_fn = float64_loss(2, 2, 0.5, 0.5, 0, 1, student_temp=1.0)
+    teacher = torch.tensor([[0.0, 0.5], [0.5, 0.0]], dtype=torch.float64)  # views 0 and 1
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     p0 = [1 / (1 + math.e), math.e / (1 + math.e)]  # softmax([0, 1])
     p1 = p0[::-1]
     log_s0 = [math.log(1 / (1 + math.exp(-1))), math.log(1 / (1 + math.e))]  # log_softmax([1, 0])
     log_s1 = log_s0[::-1]
     ce_01 = -(p0[0] * log_s1[0] + p0[1] * log_s1[1])  # teacher view 0 vs student view 1
     ce_10 = -(p1[0] * log_s0[0] + p1[1] * log_s0[1])
-    assert loss_fn(student, teacher, 0).item() == pytest.approx((ce_01 + ce_10) / 2, rel=1e-6)
+    assert loss_fn(student, teacher, 0).item() == pytest.approx((ce_01 + ce_10) / 2, rel=LOSS_RTOL)
 
 
 def test_center_update_is_ema_of_batch_mean():
@@ -75,10 +86,11 @@ def test_center_update_is_ema_of_batch_mean():
 
 
 def test_loss_uses_center_before_updating_it():
-    loss_fn = DINOLoss(4, 2, 0.04, 0.04, 0, 1)
-    student, teacher = torch.randn(2, 4), torch.randn(2, 4) * 3
-    expected = loop_dino_loss(student, teacher, torch.zeros(1, 4), 2, 0.1, 0.04)
-    assert loss_fn(student, teacher, 0).item() == pytest.approx(float(expected), rel=1e-5)
+    loss_fn = float64_loss(4, 2, 0.04, 0.04, 0, 1)
+    student = torch.randn(2, 4, dtype=torch.float64)
+    teacher = torch.randn(2, 4, dtype=torch.float64) * 3
+    expected = loop_dino_loss(student, teacher, torch.zeros(1, 4, dtype=torch.float64), 2, 0.1, 0.04)
+    assert loss_fn(student, teacher, 0).item() == pytest.approx(float(expected), rel=LOSS_RTOL)
 
 
 def test_teacher_temperature_warmup_then_constant():
@@ -141,17 +153,18 @@ def test_head_layout_matches_official_checkpoint():
 
 def test_weight_norm_linear_equals_torch_weight_norm():
     torch.manual_seed(0)
-    ours = WeightNormLinear(4, 6)
+    ours = WeightNormLinear(4, 6).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = nn.utils.weight_norm(nn.Linear(4, 6, bias=False))
+        reference = nn.utils.weight_norm(nn.Linear(4, 6, bias=False).double())
     with torch.no_grad():
         reference.weight_v.copy_(ours.weight_v)
         reference.weight_g.copy_(torch.rand(6, 1) + 0.5)
         ours.weight_g.copy_(reference.weight_g)
-    x = torch.randn(3, 4)
-    assert torch.allclose(ours(x), reference(x), atol=1e-6)
-    assert torch.allclose(ours.weight.norm(dim=1), ours.weight_g.squeeze(1), atol=1e-6)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    # float64, sums of 4 terms: a few 1e-16 apart; another formula (no g, no norm) differs by O(1)
+    assert torch.allclose(ours(x), reference(x), rtol=0, atol=1e-12)
+    assert torch.allclose(ours.weight.norm(dim=1), ours.weight_g.squeeze(1), rtol=0, atol=1e-12)
 
 
 class CountingBackbone(nn.Module):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import copy
 import io
 import json
 import sys
@@ -143,12 +144,15 @@ def _printed_call(output: str) -> str:
 
 
 def _assert_same_features(ours: torch.nn.Module, theirs: torch.nn.Module, size: int) -> None:
+    """Same features in float64, where two builds of one network agree to ~1e-15 on any CPU (sums
+    of < 2**14 terms per layer); a missing or misplaced weight changes them by 1e-2 or more."""
     torch.manual_seed(1)
-    images = torch.randn(3, 3, size, size)
-    ours, theirs = ours.eval(), theirs.eval()
+    images = torch.randn(3, 3, size, size, dtype=torch.float64)
+    ours, theirs = copy.deepcopy(ours).eval().double(), copy.deepcopy(theirs).eval().double()
     with torch.no_grad():
-        assert torch.allclose(ours.forward_features(images), theirs.forward_features(images), atol=1e-5)
-        assert torch.allclose(ours(images), theirs(images), atol=1e-5)
+        assert torch.allclose(ours.forward_features(images), theirs.forward_features(images),
+                              rtol=0, atol=1e-9)
+        assert torch.allclose(ours(images), theirs(images), rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("key", ["teacher", "student"])
@@ -277,12 +281,14 @@ def test_plot_dino_and_moby_logs(dino_run, moby_run, tmp_path):
     from ssl_runtime import plot_log
 
     run_quietly(plot_log.main, [str(dino_run / "log.txt"), "--png", str(tmp_path / "dino.png")])
-    assert png_size(tmp_path / "dino.png") == (800, 320)  # loss and lr panels, 400 x 320 each
+    # loss, lr and collapse-signal (teacher entropy, KL) panels, 400 x 320 each
+    assert png_size(tmp_path / "dino.png") == (1200, 320)
     # MoBY: the JSON log.txt, and the text log of a run without one (several series in one picture)
     run_quietly(plot_log.main, [str(moby_run), str(moby_run / "log_rank0.txt"), "--png", str(tmp_path / "m.png")])
-    assert png_size(tmp_path / "m.png") == (800, 320)
+    assert png_size(tmp_path / "m.png") == (1200, 320)  # loss, lr, similarities
     steps = plot_log.read_log(moby_run / "log_rank0.txt")
     assert len(steps) == 6 and steps[1]["epoch"] == pytest.approx(1 / 3)  # PRINT_FREQ 1: every step
+    assert {"train_pos_sim", "train_neg_sim", "train_sim_gap"} <= set(steps[1])
 
 
 def test_plot_includes_accuracy_panel(tmp_path):

@@ -3,12 +3,15 @@ k-NN evaluation and user errors (the 2-process run is in tests/test_accelerator_
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from moby import eval_knn, main_linear, main_moby
+from ssl_runtime import report
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CFG = str(ROOT / "configs" / "moby_swin_cpu.yaml")
@@ -29,12 +32,25 @@ def run_dir(out: Path) -> Path:
 
 
 def test_pretrain_then_resume_with_more_epochs(tiny_imagefolder, tmp_path, capsys):
-    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path, "--epochs", "1"))
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path, "--epochs", "1", "--knn_every", "1"))
     folder = run_dir(tmp_path)
     for name in ("config.json", "log_rank0.txt", "checkpoint.pth", "ckpt_epoch_0.pth"):
         assert (folder / name).is_file(), name
     stdout = capsys.readouterr().out
     assert "Train: [0/1][0/3]\teta " in stdout and "\tloss " in stdout and "\tgrad_norm " in stdout
+    # the similarity signals come after upstream's last field
+    assert re.search(r"\tmem \d+MB\tpos_sim -?[\d.]+ \(-?[\d.]+\)\tneg_sim -?[\d.]+ \(-?[\d.]+\)"
+                     r"\tsim_gap -?[\d.]+ \(-?[\d.]+\)", stdout)
+    last_loss = re.findall(r"\tloss ([\d.]+) \(", stdout)[-1]
+    assert report.parse_train_log(folder / "log_rank0.txt").loss == last_loss
+    assert re.search(r"k-NN probe after epoch 0: 20-NN top-1 [\d.]+ % \(online encoder; 24 train / 24 val",
+                     stdout)
+    record = json.loads((folder / "log.txt").read_text().splitlines()[0])
+    assert {"train_pos_sim", "train_neg_sim", "train_sim_gap"} <= set(record)
+    # epoch means of float32 values <= 2: the mean of the gaps is the gap of the means to 1e-6
+    assert record["train_sim_gap"] == pytest.approx(record["train_pos_sim"] - record["train_neg_sim"],
+                                                    abs=1e-6)
+    assert 0 <= record["test_knn_probe_acc1"] <= 100
     assert "Throughput: " in stdout and "images/s" in stdout
     first = torch.load(folder / "checkpoint.pth", weights_only=True)
     assert first["epoch"] == 0
