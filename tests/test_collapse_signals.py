@@ -195,7 +195,7 @@ def test_dino_line_with_signals_keeps_upstreams_fields_first(capsys):
     assert line.startswith("Epoch: [0/100]  [0/1]  eta: 0:00:00  loss: 7.500000 (7.500000)  lr: 0.001000 "
                            "(0.001000)  wd: 0.040000 (0.040000)  teacher_entropy: 7.250000 (7.250000)  "
                            "kl: 0.250000 (0.250000)  time: ")
-    assert report.LOSS.findall(line) == ["7.500000"]
+    assert report.DINO_LOSS.findall(line) == ["7.500000"]
 
 
 def test_moby_line_with_signals_appends_them_after_upstreams(tmp_path):
