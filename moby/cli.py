@@ -12,6 +12,8 @@ import os
 
 from yacs.config import CfgNode
 
+from ssl_runtime.augment import use_batched
+from ssl_runtime.cpu_layout import plan_workers, set_cpu_threads
 from ssl_runtime.device import add_device_arg
 from ssl_runtime.distributed import DistContext, add_launcher_args, init_distributed
 from ssl_runtime.errors import UserError
@@ -71,10 +73,19 @@ def parse_config(parser: argparse.ArgumentParser,
     return args, get_config(args)
 
 
+UPSTREAM_WORKERS = 8  # upstream's DATA.NUM_WORKERS, what -1 means on NPU/GPU
+
+
 def start_run(config: CfgNode, args: argparse.Namespace) -> DistContext:
-    """Device, process group and per-rank seed (SEED + rank, as upstream)."""
+    """Device, process group, data workers and CPU threads, per-rank seed (SEED + rank, as upstream)."""
     ctx = init_distributed(config.DEVICE, args.local_rank, args.dist_url)
-    set_values(config, LOCAL_RANK=ctx.local_rank)
+    batched = config.AUG.SSL_AUG and use_batched(config.AUG.BATCHED, ctx.device_type)
+    workers = plan_workers(config.DATA.NUM_WORKERS, ctx.device_type, UPSTREAM_WORKERS, batched)
+    set_values(config, LOCAL_RANK=ctx.local_rank, **{"AUG.BATCHED": batched, "DATA.NUM_WORKERS": workers})
+    if ctx.is_main:
+        print(set_cpu_threads(ctx.device_type, workers), flush=True)
+    else:
+        set_cpu_threads(ctx.device_type, workers)
     seed_everything(config.SEED + ctx.rank)
     return ctx
 

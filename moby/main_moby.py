@@ -25,7 +25,7 @@ from yacs.config import CfgNode  # noqa: E402
 from moby.checkpoint import save_checkpoint  # noqa: E402
 from moby.cli import add_pretrain_limits, base_parser, open_output, parse_config, start_run  # noqa: E402
 from moby.config import set_values  # noqa: E402
-from moby.data import build_pretrain_dataset  # noqa: E402
+from moby.data import batch_preparer, build_pretrain_dataset  # noqa: E402
 from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, last_epoch, maybe_resume,  # noqa: E402
                          measure_throughput, prepare_budget, train_one_epoch)
 from moby.model import build_moby, check_queue_size, maybe_compile_encoders  # noqa: E402
@@ -87,6 +87,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     throughput = ThroughputMeter(global_batch, warmup_steps=THROUGHPUT_WARMUP_STEPS, device=ctx.device)
     state = TrainState(optimizer, lr_scheduler, mp, ctx, logger, throughput)
     state.health = StepHealth(ctx.device, MOBY_ADVICE, mp.scaler, logger.info)
+    state.prepare_batch = batch_preparer(dataset, ctx.device)
     maybe_resume(config, moby, state)
     attach_monitor(config, state, ctx, logger, global_batch).add_source(momentum_source(moby))
     if config.MODEL.RESUME:
@@ -96,7 +97,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     skip_batches(loader, state.resume_step)
 
     if config.THROUGHPUT_MODE:
-        measure_throughput(loader, moby.encoder, ctx, logger)
+        measure_throughput(loader, moby.encoder, ctx, logger, state.prepare_batch)
         return
     if config.EVAL_MODE:
         from moby.eval_knn import knn_on_encoder
