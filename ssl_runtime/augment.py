@@ -135,24 +135,24 @@ def crop_and_flip(image: Image.Image, spec: ViewSpec, draw: ViewDraw) -> Image.I
 class BatchedViews:
     """Dataset transform (per image) plus `finish` (per batch): see the module docstring.
 
-    Item: one (uint8 pixels (3, S, S), float32 colour parameters) pair per view, which the
-    default collate turns into per-view pairs of batches; `finish` turns those into the
-    normalised float views on the device, in the same order.
+    Item: one (uint8 pixels (S, S, 3), float32 colour parameters) pair of numpy arrays per view
+    (numpy: the cheapest to make per image), which the default collate turns into per-view pairs
+    of batched tensors; `finish` turns those into the normalised float views (N, 3, S, S) on the
+    device, in the same order.
     """
 
     def __init__(self, specs: Sequence[ViewSpec], mean: Sequence[float], std: Sequence[float]):
         self.specs = list(specs)
         self.mean, self.std = tuple(mean), tuple(std)
 
-    def __call__(self, image: Image.Image) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __call__(self, image: Image.Image) -> list[tuple[np.ndarray, np.ndarray]]:
         if image.mode != "RGB":
             image = image.convert("RGB")
         views = []
         for spec in self.specs:
             draw = draw_view(spec, image.height, image.width)
-            pixels = np.asarray(crop_and_flip(image, spec, draw), dtype=np.uint8)
-            views.append((torch.from_numpy(pixels.transpose(2, 0, 1).copy()),
-                          torch.tensor(draw.colour, dtype=torch.float32)))
+            views.append((np.array(crop_and_flip(image, spec, draw), dtype=np.uint8),
+                          np.array(draw.colour, dtype=np.float32)))
         return views
 
     def finish(self, views: Sequence[Sequence[torch.Tensor]], device: torch.device | str) -> list[torch.Tensor]:
@@ -160,11 +160,11 @@ class BatchedViews:
         out: list[torch.Tensor | None] = [None] * len(views)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, (pixels, _) in enumerate(views):
-            by_size.setdefault(tuple(pixels.shape[-2:]), []).append(i)
+            by_size.setdefault(tuple(pixels.shape[1:3]), []).append(i)
         for members in by_size.values():  # views of one size are augmented together
             pixels = torch.cat([views[i][0] for i in members])
             params = torch.cat([views[i][1] for i in members])
-            images = normalize(colour_augment(pixels, params, device), self.mean, self.std)
+            images = normalize(colour_augment(pixels, params, device), self.mean, self.std).contiguous()
             for i, chunk in zip(members, images.split([len(views[i][0]) for i in members])):
                 out[i] = chunk
         return out  # type: ignore[return-value]
@@ -193,7 +193,7 @@ def use_batched(flag: bool | None, device_kind: str) -> bool:
 def colour_augment(pixels: torch.Tensor, params: torch.Tensor, device: torch.device | str | None = None
                    ) -> torch.Tensor:
     """Jitter (in each image's order), grayscale, blur and solarisation of uint8 images
-    (N, 3, H, W) on the host with their parameter rows (N, NUM_PARAMS); returns float32 images on
+    (N, H, W, 3) on the host with their parameter rows (N, NUM_PARAMS); returns float32 images (N, 3, H, W) on
     `device` holding the 8-bit values PIL would produce. Each step runs only on the images it
     applies to. A batch of grey images (R = G = B everywhere, e.g. Fashion-MNIST) is processed
     as one channel: every step keeps R = G = B, and saturation, hue and grayscale leave grey
@@ -201,8 +201,8 @@ def colour_augment(pixels: torch.Tensor, params: torch.Tensor, device: torch.dev
     device = pixels.device if device is None else device
     params = params.cpu()
     if is_grey(pixels):
-        pixels = pixels[:, :1]
-    x = pixels.to(device, non_blocking=True).float()
+        pixels = pixels[..., :1]
+    x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
 
     def rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The images a step applies to: (host index, device index), or None when none."""
@@ -235,8 +235,8 @@ def colour_augment(pixels: torch.Tensor, params: torch.Tensor, device: torch.dev
 
 
 def is_grey(pixels: torch.Tensor) -> bool:
-    """Whether every image of a host uint8 batch has R = G = B everywhere."""
-    return bool(torch.equal(pixels[:, 0], pixels[:, 1]) and torch.equal(pixels[:, 1], pixels[:, 2]))
+    """Whether every image of a host uint8 batch (N, H, W, 3) has R = G = B everywhere."""
+    return bool(torch.equal(pixels[..., 0], pixels[..., 1]) and torch.equal(pixels[..., 1], pixels[..., 2]))
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -14,6 +14,8 @@ key = value case file that Ascend's tooling collects.  Numbers come from the log
 - loss: the current value of the last DINO (``loss: 1.23 (``) or MoBY (``loss 1.23 (``) line.
 - accuracy: DINO k-NN ``10-NN classifier result: Top1: x``, MoBY linear ``Max accuracy: x%``,
   or DINO linear ``Top-1 test accuracy: x``.
+- random-init accuracy (CPU runs, ``--random_init_accuracy``): the same evaluation of the
+  untrained network (ssl_runtime.baseline), printed beside the accuracy.
 """
 
 from __future__ import annotations
@@ -88,17 +90,20 @@ def parse_accuracy(path: str | Path) -> str:
                     f"{path}: evaluation did not finish; read {path} for the cause")
 
 
-def result_lines(train: TrainNumbers, accuracy: str | None, e2e_seconds: str) -> list[str]:
+def result_lines(train: TrainNumbers, accuracy: str | None, e2e_seconds: str,
+                 random_init: str | None = None) -> list[str]:
     """The block printed on stdout."""
     lines = [RULE, f"Final Performance images/sec : {train.images_per_sec}"]
     if accuracy is not None:
         lines.append(f"Final Train Accuracy : {accuracy}")
+    if random_init is not None:
+        lines.append(f"Random-init Accuracy : {random_init} (the same evaluation of the untrained network)")
     lines.append(f"E2E Training Duration sec : {e2e_seconds}")
     return lines
 
 
 def case_lines(network: str, rank_size: int, batch_size: int, case_name: str, train: TrainNumbers,
-               accuracy: str | None, e2e_seconds: str) -> list[str]:
+               accuracy: str | None, e2e_seconds: str, random_init: str | None = None) -> list[str]:
     """The `key = value` case file of Ascend's tooling."""
     lines = [
         f"Network = {network}",
@@ -111,6 +116,8 @@ def case_lines(network: str, rank_size: int, batch_size: int, case_name: str, tr
     ]
     if accuracy is not None:
         lines.append(f"TrainAccuracy = {accuracy}")
+    if random_init is not None:
+        lines.append(f"RandomInitAccuracy = {random_init}")
     lines.append(f"ActualLoss = {train.loss if train.loss is not None else 'NA'}")
     lines.append(f"E2ETrainingTime = {e2e_seconds}")
     return lines
@@ -127,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--case_name", help="e.g. DINO_ID3436_for_PyTorch_bs64_8p_acc")
     parser.add_argument("--e2e_seconds", default="0", help="end-to-end wall time in seconds")
     parser.add_argument("--out_file", help="case file to write")
+    parser.add_argument("--random_init_accuracy", default=None,
+                        help="accuracy of the same evaluation at random initialisation (printed beside)")
     parser.add_argument("--accuracy_only", action="store_true",
                         help="only print 'Final Train Accuracy : X' from --eval_log")
     return parser
@@ -148,12 +157,13 @@ def main(argv: list[str] | None = None) -> None:
 
     train = parse_train_log(args.train_log)
     accuracy = parse_accuracy(args.eval_log) if args.eval_log else None
-    print("\n".join(result_lines(train, accuracy, args.e2e_seconds)), flush=True)
+    random_init = args.random_init_accuracy or None
+    print("\n".join(result_lines(train, accuracy, args.e2e_seconds, random_init)), flush=True)
     out_file = Path(args.out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text("\n".join(case_lines(args.network, args.rank_size, args.batch_size,
                                              args.case_name, train, accuracy,
-                                             args.e2e_seconds)) + "\n")
+                                             args.e2e_seconds, random_init)) + "\n")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,14 @@ dino_small_cpu_args() {
 dino_small_cpu_eval_args() {
     echo "--arch vit_pico --patch_size 4 --img_size 32 --num_workers 2"
 }
+# The random-initialisation baseline of a CPU full run (RANDOM_EVAL_CMD): the run's own k-NN
+# evaluation of the untrained network, measured once per recipe and cached (ssl_runtime.baseline).
+dino_random_init_eval() {
+    # shellcheck disable=SC2206
+    RANDOM_EVAL_CMD=("$DINO_EVAL_KNN" --checkpoint_key teacher --device "$DEVICE" $EVAL_MODEL_ARGS)
+    [[ -n $DATA_PATH ]] && RANDOM_EVAL_CMD+=(--data_path "$DATA_PATH")
+    return 0
+}
 # DINO on NPU/GPU: upstream's ViT-S/16 recipe (main_dino.py's defaults).
 dino_full_args() {
     echo "--arch vit_small --patch_size 16"
@@ -74,6 +82,22 @@ moby_small_cpu_cfg() {
 }
 moby_full_cfg() {
     echo configs/moby_swin_tiny.yaml
+}
+# The evaluation of a full run: on NPU/GPU upstream's linear evaluation; on CPU the k-NN protocol
+# (moby/eval_knn.py, as DINO's: weighted 10/20-NN, T = 0.07, the full 60k/10k split), because one
+# linear epoch, all a CPU run can afford, measures the linear head's training more than the encoder.
+moby_full_eval() {
+    if [[ $DEVICE == cpu ]]; then echo knn; else echo linear; fi
+}
+moby_knn_eval_args() {  # the whole train split, whatever subset pretraining used
+    echo "--opts DATA.MAX_TRAIN_IMAGES 0"
+}
+moby_random_init_eval() {
+    # shellcheck disable=SC2046
+    RANDOM_EVAL_CMD=("$MOBY_EVAL_KNN" --cfg "$CFG" --output "$RUN_DIR" --tag random_init --random-init
+        --device "$DEVICE" $(moby_knn_eval_args))
+    [[ -n $DATA_PATH ]] && RANDOM_EVAL_CMD+=(--data-path "$DATA_PATH")
+    return 0
 }
 # The linear-evaluation config of a pretraining config: foo.yaml -> foo_linear.yaml when it exists.
 moby_linear_cfg() {
@@ -297,7 +321,11 @@ ssl_build_commands() {
             [[ -n $STEPS ]] && PRETRAIN_CMD+=(--steps "$STEPS")
             [[ -n $DATA_PATH ]] && PRETRAIN_CMD+=(--data-path "$DATA_PATH")
         fi
-        if [[ $mode == full || $mode == eval_linear ]]; then
+        if [[ $mode == full && $(moby_full_eval) == knn ]]; then
+            # shellcheck disable=SC2046
+            EVAL_CMD=("$MOBY_EVAL_KNN" --cfg "$CFG" --output "$RUN_DIR" --tag knn
+                --pretrained "$RUN_DIR/MODEL.NAME/pretrain/checkpoint.pth" --device "$DEVICE" $(moby_knn_eval_args))
+        elif [[ $mode == full || $mode == eval_linear ]]; then
             # MoBY writes <output>/<MODEL.NAME>/<tag>/checkpoint.pth; the name is filled in after
             # pretraining (ssl_moby_checkpoint).
             local weights=${CHECKPOINT:-$RUN_DIR/MODEL.NAME/pretrain/checkpoint.pth}
@@ -318,6 +346,8 @@ ssl_build_commands() {
         fi
     fi
     [[ $mode == eval_linear && -n $GIVEN_EPOCHS ]] && EVAL_CMD+=(--epochs "$EPOCHS")  # both spell it so
+    RANDOM_EVAL_CMD=()
+    if [[ $mode == full && $DEVICE == cpu ]]; then "${MODEL}_random_init_eval"; fi
 }
 
 ssl_print_settings() {
@@ -337,6 +367,7 @@ ssl_quote() {
 ssl_print_commands() {
     ((${#PRETRAIN_CMD[@]})) && echo "PRETRAIN: $(ssl_quote "${LAUNCHER[@]}" "${PRETRAIN_CMD[@]}")"
     ((${#EVAL_CMD[@]})) && echo "EVAL: $(ssl_quote "${LAUNCHER[@]}" "${EVAL_CMD[@]}")"
+    ((${#RANDOM_EVAL_CMD[@]})) && echo "RANDOM-INIT: $(ssl_quote "${LAUNCHER[@]}" "${RANDOM_EVAL_CMD[@]}")"
     return 0
 }
 
@@ -403,9 +434,20 @@ ssl_train() {
         report_args=(--eval_log "$EVAL_LOG")
     fi
     local e2e=$((SECONDS - start))
+    if ((${#RANDOM_EVAL_CMD[@]})); then
+        local random_init
+        random_init=$(ssl_random_init) || exit $?
+        report_args+=(--random_init_accuracy "$random_init")
+    fi
     "$SSL_PYTHON" -m ssl_runtime.report --train_log "$TRAIN_LOG" "${report_args[@]}" \
         --network "$NETWORK" --rank_size "$NPROC" --batch_size "$BATCH_SIZE" \
         --case_name "$CASE_NAME" --e2e_seconds "$e2e" --out_file "$CASE_FILE" || exit $?
+}
+
+# The accuracy of RANDOM_EVAL_CMD, after the timed run: measured once per recipe, then cached.
+ssl_random_init() {
+    echo "[$(date +%T)] random-init baseline (once per recipe, then cached): $(ssl_quote "${RANDOM_EVAL_CMD[@]}")" >&2
+    "$SSL_PYTHON" -m ssl_runtime.baseline --log "$LOG_DIR/random_init_0.log" -- "${LAUNCHER[@]}" "${RANDOM_EVAL_CMD[@]}"
 }
 
 ssl_evaluate() {

@@ -100,7 +100,7 @@ def test_blur_repeats_the_edge_pixels_of_tiny_images(height, width):
 
 def pil_view(pixels: torch.Tensor, params: list[float]) -> torch.Tensor:
     """The PIL pipeline's colour steps applied with given parameters, then ToTensor + Normalize."""
-    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    image = Image.fromarray(pixels.numpy())
     adjust = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     if params[JITTER]:
         for position in range(4):
@@ -128,7 +128,8 @@ def test_whole_views_are_the_pil_pipelines_for_the_drawn_parameters(grey_images)
     got = views.finish(batch, "cpu")
     level = LEVEL / 255 / min(STD)
     for (pixels, params), result in zip(batch, got):
-        assert result.shape == (len(images), 3, pixels.shape[-2], pixels.shape[-1])
+        assert result.shape == (len(images), 3, pixels.shape[1], pixels.shape[2])
+        assert result.is_contiguous()
         for i in range(len(images)):
             assert (result[i] - pil_view(pixels[i], params[i].tolist())).abs().max() <= level * 1.0001
 
