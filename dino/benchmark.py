@@ -30,7 +30,7 @@ from dino.main_dino import (UPSTREAM_WORKERS, build_optimizer_for, build_schedul
 from ssl_runtime import bench  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.augment import use_batched, views_to_device  # noqa: E402
-from ssl_runtime.cpu_layout import plan_workers, set_cpu_threads  # noqa: E402
+from ssl_runtime.cpu_layout import plan_workers  # noqa: E402
 from ssl_runtime.data import SafeImageFolder  # noqa: E402
 from ssl_runtime.device import set_fast_math  # noqa: E402
 from ssl_runtime.distributed import single_process_context, unwrap  # noqa: E402
@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     ctx = single_process_context(args.device)
     set_fast_math(ctx.device_type)
     args.batched_aug = use_batched(args.batched_aug, ctx.device_type)
+    # the worker count the training would use (timed below); the step keeps torch's threads
+    # (OMP_NUM_THREADS or all cores), as a training run with the pipeline in the main process
     args.num_workers = plan_workers(args.num_workers, ctx.device_type, UPSTREAM_WORKERS, args.batched_aug)
-    print(set_cpu_threads(ctx.device_type, args.num_workers), flush=True)
     fix_random_seeds(args.seed)
     mp = MixedPrecision.from_flag(args.use_fp16, ctx.device_type)
     name = args.bench_name or default_name(args, ctx.device_type, mp.precision)

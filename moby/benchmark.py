@@ -35,7 +35,7 @@ from moby.optimization import build_optimizer, build_scheduler  # noqa: E402
 from ssl_runtime import bench  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.augment import use_batched  # noqa: E402
-from ssl_runtime.cpu_layout import plan_workers, set_cpu_threads  # noqa: E402
+from ssl_runtime.cpu_layout import plan_workers  # noqa: E402
 from ssl_runtime.data import SafeImageFolder  # noqa: E402
 from ssl_runtime.device import set_fast_math  # noqa: E402
 from ssl_runtime.distributed import single_process_context  # noqa: E402
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     set_fast_math(ctx.device_type)
     batched = use_batched(config.AUG.BATCHED, ctx.device_type)
     workers = plan_workers(config.DATA.NUM_WORKERS, ctx.device_type, UPSTREAM_WORKERS, batched)
-    set_values(config, **{"AUG.BATCHED": batched, "DATA.NUM_WORKERS": workers})
-    print(set_cpu_threads(ctx.device_type, workers), flush=True)
+    set_values(config, **{"AUG.BATCHED": batched, "DATA.NUM_WORKERS": workers})  # see dino/benchmark.py
     set_values(config, **{"TRAIN.EPOCHS": max(config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS + 1)})
     check_queue_size(config, ctx.world_size)
     seed_everything(config.SEED)

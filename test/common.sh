@@ -48,7 +48,7 @@ dino_small_cpu_args() {
 }
 # The matching architecture flags for dino/eval_knn.py and dino/eval_linear.py on CPU.
 dino_small_cpu_eval_args() {
-    echo "--arch vit_pico --patch_size 4 --img_size 32 --num_workers 2"
+    echo "--arch vit_pico --patch_size 4 --img_size 32"
 }
 # The random-initialisation baseline of a CPU full run (RANDOM_EVAL_CMD): the run's own k-NN
 # evaluation of the untrained network, measured once per recipe and cached (ssl_runtime.baseline).
