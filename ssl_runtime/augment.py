@@ -155,7 +155,8 @@ class BatchedViews:
                           np.array(draw.colour, dtype=np.float32)))
         return views
 
-    def finish(self, views: Sequence[Sequence[torch.Tensor]], device: torch.device | str) -> list[torch.Tensor]:
+    def finish(self, views: Sequence[Sequence[torch.Tensor]], device: torch.device | str
+               ) -> list[torch.Tensor]:
         """Collated [(pixels, params), ...] per view -> normalised float views on `device`."""
         out: list[torch.Tensor | None] = [None] * len(views)
         by_size: dict[tuple[int, int], list[int]] = {}
@@ -173,7 +174,8 @@ class BatchedViews:
         return f"BatchedViews({len(self.specs)} views: {', '.join(str(s.size) for s in self.specs)} px)"
 
 
-def views_to_device(transform: object, device: torch.device | str) -> Callable[[Sequence], list[torch.Tensor]]:
+def views_to_device(transform: object, device: torch.device | str
+                    ) -> Callable[[Sequence], list[torch.Tensor]]:
     """What the training loop applies to a batch of views: BatchedViews.finish, or (for a PIL
     pipeline whose views are final) a plain copy to the device."""
     if isinstance(transform, BatchedViews):
@@ -193,8 +195,8 @@ def use_batched(flag: bool | None, device_kind: str) -> bool:
 def colour_augment(pixels: torch.Tensor, params: torch.Tensor, device: torch.device | str | None = None
                    ) -> torch.Tensor:
     """Jitter (in each image's order), grayscale, blur and solarisation of uint8 images
-    (N, H, W, 3) on the host with their parameter rows (N, NUM_PARAMS); returns float32 images (N, 3, H, W) on
-    `device` holding the 8-bit values PIL would produce. Each step runs only on the images it
+    (N, H, W, 3) on the host with their parameter rows (N, NUM_PARAMS); returns float32 images
+    (N, 3, H, W) on `device` holding the 8-bit values PIL would produce. Each step runs only on the images it
     applies to. A batch of grey images (R = G = B everywhere, e.g. Fashion-MNIST) is processed
     as one channel: every step keeps R = G = B, and saturation, hue and grayscale leave grey
     pixels exactly as they are in PIL too."""
