@@ -83,7 +83,8 @@ def test_grayscale_solarize_and_blur_give_pils_pixels():
     batch = torch.stack([as_tensor(i) for i in images])
     grey = torch.stack([as_tensor(TF.rgb_to_grayscale(i, 3)) for i in images])
     assert torch.equal(augment.luma(batch).expand(-1, 3, -1, -1), grey)  # integer arithmetic
-    assert torch.equal(augment.solarize(batch), torch.stack([as_tensor(ImageOps.solarize(i)) for i in images]))
+    solarized = torch.stack([as_tensor(ImageOps.solarize(i)) for i in images])
+    assert torch.equal(augment.solarize(batch), solarized)
     radii = float32(np.random.default_rng(2).uniform(0.1, 6.0, len(images)))  # upstream 0.1-2
     blurred = torch.stack([as_tensor(i.filter(ImageFilter.GaussianBlur(r))) for i, r in zip(images, radii)])
     assert torch.equal(augment.gaussian_blur(batch, torch.tensor(radii)), blurred)  # integer arithmetic
