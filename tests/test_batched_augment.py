@@ -332,3 +332,22 @@ def test_the_comparison_catches_a_wrong_probability(pil_summaries):
     random.seed(101)
     with pytest.raises(AssertionError, match="blur|solarize"):
         compare(summary_of_ours(wrong, 28, 28, OUR_DRAWS), pil_summaries[name])
+
+
+def test_the_float32_path_of_npu_stays_within_one_hue_step(monkeypatch):
+    """NPU kernels lack double precision, so C's double expressions run in float32 there. Run that
+    path here: the blur's six passes may each round one level differently (6 levels), the hue may
+    land one 8-bit hue step away (a step moves a channel by at most 255 * 6 / 255 = 6 levels,
+    plus one for rounding); everything else is float32 arithmetic already, as in Pillow."""
+    monkeypatch.setattr(augment.devices, "exact_float_dtype", lambda kind: torch.float32)
+    images = colour_images(30)
+    batch = torch.stack([as_tensor(i) for i in images])
+    factors = float32(np.random.default_rng(5).uniform(-0.5, 0.5, len(images)))
+    hue = torch.stack([as_tensor(TF.adjust_hue(i, f)) for i, f in zip(images, factors)])
+    assert (augment.adjust_hue(batch, torch.tensor(factors).view(-1, 1, 1, 1)) - hue).abs().max() <= 7
+    radii = float32(np.random.default_rng(6).uniform(0.1, 2.0, len(images)))
+    blurred = torch.stack([as_tensor(i.filter(ImageFilter.GaussianBlur(r))) for i, r in zip(images, radii)])
+    assert (augment.gaussian_blur(batch, torch.tensor(radii)) - blurred).abs().max() <= 2 * augment.BOX_PASSES
+    factors = float32(np.random.default_rng(7).uniform(0.0, 2.0, len(images)))
+    contrast = torch.stack([as_tensor(TF.adjust_contrast(i, f)) for i, f in zip(images, factors)])
+    assert (augment.adjust_contrast(batch, torch.tensor(factors).view(-1, 1, 1, 1)) - contrast).abs().max() <= LEVEL
