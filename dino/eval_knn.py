@@ -108,7 +108,7 @@ def eval_knn(args: argparse.Namespace) -> dict[int, tuple[float, float]]:
     ctx = init_distributed(args.device, args.local_rank, args.dist_url)
     silence_non_main(ctx.is_main)
     fix_random_seeds(0)  # a random-initialisation baseline is then reproducible
-    args.num_workers = plan_workers(args.num_workers, ctx.device_type, 10, batched=False)
+    args.num_workers = plan_workers(args.num_workers, ctx.device_type, 10, light_pipeline=True)
     layout = set_cpu_threads(ctx.device_type, args.num_workers)
     print(layout)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))

@@ -76,11 +76,15 @@ def parse_config(parser: argparse.ArgumentParser,
 UPSTREAM_WORKERS = 8  # upstream's DATA.NUM_WORKERS, what -1 means on NPU/GPU
 
 
-def start_run(config: CfgNode, args: argparse.Namespace) -> DistContext:
-    """Device, process group, data workers and CPU threads, per-rank seed (SEED + rank, as upstream)."""
+def start_run(config: CfgNode, args: argparse.Namespace, pretraining: bool = False) -> DistContext:
+    """Device, process group, data workers and CPU threads, per-rank seed (SEED + rank, as upstream).
+
+    Pretraining resolves AUG.BATCHED (its augmentation is heavy unless batched); the
+    evaluations' transforms are light, so on CPU they load in the main process."""
     ctx = init_distributed(config.DEVICE, args.local_rank, args.dist_url)
-    batched = config.AUG.SSL_AUG and use_batched(config.AUG.BATCHED, ctx.device_type)
-    workers = plan_workers(config.DATA.NUM_WORKERS, ctx.device_type, UPSTREAM_WORKERS, batched)
+    batched = pretraining and use_batched(config.AUG.BATCHED, ctx.device_type)
+    workers = plan_workers(config.DATA.NUM_WORKERS, ctx.device_type, UPSTREAM_WORKERS,
+                           light_pipeline=batched or not pretraining)
     set_values(config, LOCAL_RANK=ctx.local_rank, **{"AUG.BATCHED": batched, "DATA.NUM_WORKERS": workers})
     if ctx.is_main:
         print(set_cpu_threads(ctx.device_type, workers), flush=True)

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = base_parser("MoBY training and evaluation script")
     add_pretrain_limits(parser)
     args, config = parse_config(parser, argv)
-    ctx = start_run(config, args)
+    ctx = start_run(config, args, pretraining=True)
     try:
         check_queue_size(config, ctx.world_size)
         scale_learning_rates(config, ctx.world_size)

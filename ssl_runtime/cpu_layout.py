@@ -4,10 +4,12 @@ On CPU both compete for the same cores, and an OpenMP region waits for its slowe
 data worker that takes a core from one of torch's threads stalls the whole step. So on CPU the
 worker processes and torch's threads are planned together, per process:
 
-* batched augmentation (the CPU default, ssl_runtime.augment): the per-image work is small, so
-  no worker processes; the loader runs in the main process between steps and torch's threads
-  take every core;
-* the PIL pipeline: half of the cores (at least one) for workers, torch's threads on the rest.
+* a light pipeline (the batched augmentation, the CPU default of pretraining, see
+  ssl_runtime.augment; the evaluations' resize-and-crop): the per-image work is small next to
+  the model's, so no worker processes: the loader runs in the main process between steps and
+  torch's threads take every core;
+* the PIL augmentation pipeline: half of the cores (at least one) for workers, torch's threads
+  on the rest.
 
 An explicit worker count (DINO `--num_workers N`, MoBY `DATA.NUM_WORKERS N`, N >= 0) is kept, and
 torch's threads then take the cores it leaves; OMP_NUM_THREADS, when set, decides the threads.
@@ -33,14 +35,14 @@ def usable_cores() -> int:
     return max(cores // max(ranks, 1), 1)
 
 
-def plan_workers(requested: int, device_kind: str, accelerator_default: int, batched: bool,
+def plan_workers(requested: int, device_kind: str, accelerator_default: int, light_pipeline: bool,
                  cores: int | None = None) -> int:
     """Data-loader worker processes: `requested` when >= 0, else the plan above."""
     if requested >= 0:
         return requested
     if device_kind != "cpu":
         return accelerator_default
-    if batched:
+    if light_pipeline:
         return 0
     return max((usable_cores() if cores is None else cores) // 2, 1)
 

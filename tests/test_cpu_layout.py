@@ -8,13 +8,13 @@ from ssl_runtime.cpu_layout import AUTO_WORKERS, plan_workers, set_cpu_threads, 
 
 
 def test_automatic_workers_per_device_and_pipeline():
-    assert plan_workers(AUTO_WORKERS, "cuda", 10, batched=False) == 10  # upstream's count
-    assert plan_workers(AUTO_WORKERS, "npu", 8, batched=True) == 8
-    assert plan_workers(AUTO_WORKERS, "cpu", 10, batched=True, cores=8) == 0  # main process
-    assert plan_workers(AUTO_WORKERS, "cpu", 10, batched=False, cores=8) == 4  # half the cores
-    assert plan_workers(AUTO_WORKERS, "cpu", 10, batched=False, cores=1) == 1
-    assert plan_workers(3, "cpu", 10, batched=True, cores=8) == 3  # an explicit count is kept
-    assert plan_workers(0, "cuda", 10, batched=False) == 0
+    assert plan_workers(AUTO_WORKERS, "cuda", 10, light_pipeline=False) == 10  # upstream's count
+    assert plan_workers(AUTO_WORKERS, "npu", 8, light_pipeline=True) == 8
+    assert plan_workers(AUTO_WORKERS, "cpu", 10, light_pipeline=True, cores=8) == 0  # main process
+    assert plan_workers(AUTO_WORKERS, "cpu", 10, light_pipeline=False, cores=8) == 4  # half the cores
+    assert plan_workers(AUTO_WORKERS, "cpu", 10, light_pipeline=False, cores=1) == 1
+    assert plan_workers(3, "cpu", 10, light_pipeline=True, cores=8) == 3  # an explicit count is kept
+    assert plan_workers(0, "cuda", 10, light_pipeline=False) == 0
 
 
 def test_threads_take_the_cores_the_workers_leave(monkeypatch):

@@ -24,7 +24,7 @@ def test_defaults_match_upstream():
     c = default_config()
     assert (c.DATA.BATCH_SIZE, c.DATA.IMG_SIZE) == (64, 224)
     # NUM_WORKERS -1 (automatic) is upstream's 8 on an accelerator
-    assert plan_workers(c.DATA.NUM_WORKERS, "cuda", UPSTREAM_WORKERS, batched=False) == 8
+    assert plan_workers(c.DATA.NUM_WORKERS, "cuda", UPSTREAM_WORKERS, light_pipeline=False) == 8
     assert c.MODEL.SWIN.DEPTHS == [2, 2, 6, 2] and c.MODEL.SWIN.NUM_HEADS == [3, 6, 12, 24]
     assert c.MODEL.SWIN.NORM_BEFORE_MLP == "ln"
     moby = c.MODEL.MOBY
