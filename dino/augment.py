@@ -14,6 +14,8 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 
+from ssl_runtime.augment import BatchedViews, ViewSpec
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -79,6 +81,27 @@ class DataAugmentationDINO:
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
         crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
         return crops
+
+
+def dino_view_specs(global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
+                    local_crops_number: int, global_size: int = 224, local_size: int = 96) -> list[ViewSpec]:
+    """DataAugmentationDINO's views for the batched pipeline (ssl_runtime.augment): the same crops
+    and probabilities (global 1: blur always; global 2: blur 0.1, solarize 0.2; local: blur 0.5)."""
+    scale_g, scale_l = tuple(global_crops_scale), tuple(local_crops_scale)
+    return [ViewSpec(global_size, scale_g, "bicubic", blur_p=1.0, solarize_p=0.0),
+            ViewSpec(global_size, scale_g, "bicubic", blur_p=0.1, solarize_p=0.2),
+            *[ViewSpec(local_size, scale_l, "bicubic", blur_p=0.5, solarize_p=0.0)] * local_crops_number]
+
+
+def build_dino_augmentation(global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
+                            local_crops_number: int, global_size: int, local_size: int,
+                            batched: bool) -> DataAugmentationDINO | BatchedViews:
+    """Upstream's PIL pipeline, or its batched equivalent (same distributions and pixels)."""
+    if batched:
+        return BatchedViews(dino_view_specs(global_crops_scale, local_crops_scale, local_crops_number,
+                                            global_size, local_size), IMAGENET_MEAN, IMAGENET_STD)
+    return DataAugmentationDINO(global_crops_scale, local_crops_scale, local_crops_number,
+                                global_size, local_size)
 
 
 def eval_transform(img_size: int = 224) -> transforms.Compose:

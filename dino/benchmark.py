@@ -22,12 +22,15 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from dino.augment import DataAugmentationDINO  # noqa: E402
+from dino.augment import build_dino_augmentation  # noqa: E402
 from dino.loss import DINOLoss  # noqa: E402
-from dino.main_dino import (build_optimizer_for, build_schedules, build_student_teacher,  # noqa: E402
-                            get_args_parser, set_schedule_values, train_step, validate_args)
+from dino.main_dino import (UPSTREAM_WORKERS, build_optimizer_for, build_schedules,  # noqa: E402
+                            build_student_teacher, get_args_parser, set_schedule_values, train_step,
+                            validate_args)
 from ssl_runtime import bench  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
+from ssl_runtime.augment import use_batched, views_to_device  # noqa: E402
+from ssl_runtime.cpu_layout import plan_workers  # noqa: E402
 from ssl_runtime.data import SafeImageFolder  # noqa: E402
 from ssl_runtime.device import set_fast_math  # noqa: E402
 from ssl_runtime.distributed import single_process_context, unwrap  # noqa: E402
@@ -81,13 +84,21 @@ def time_dino_step(args: argparse.Namespace, ctx) -> bench.StepFigures:
                             args.bench_steps, args.bench_warmup)
 
 
-def time_dino_pipeline(args: argparse.Namespace, workers: list[int]) -> dict[int, float]:
-    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
-                                     args.local_crops_number, args.img_size, args.local_crop_size)
+def time_dino_pipeline(args: argparse.Namespace, workers: list[int], device) -> dict[int, float]:
+    """Loader images/s per worker count, with the batched augmentation's per-batch part (on the
+    device) included when it is on, as in training."""
+    transform = build_dino_augmentation(args.global_crops_scale, args.local_crops_scale,
+                                        args.local_crops_number, args.img_size, args.local_crop_size,
+                                        args.batched_aug)
+    to_device = views_to_device(transform, device)
+
+    def finish(batch):  # (views, labels) as the training loop receives it
+        return to_device(batch[0])
     with tempfile.TemporaryDirectory() as scratch:
         dataset = SafeImageFolder(bench.pipeline_folder(args.data_path, args.img_size, Path(scratch)),
                                   transform=transform)
-        return {w: bench.time_data_pipeline(dataset, args.batch_size_per_gpu, w, args.bench_batches)
+        return {w: bench.time_data_pipeline(dataset, args.batch_size_per_gpu, w, args.bench_batches,
+                                            finish=finish, device=device)
                 for w in workers}
 
 
@@ -100,14 +111,19 @@ def main(argv: list[str] | None = None) -> None:
     bench.check_benchmark_args(args)
     ctx = single_process_context(args.device)
     set_fast_math(ctx.device_type)
+    args.batched_aug = use_batched(args.batched_aug, ctx.device_type)
+    # the worker count the training would use (timed below); the step keeps torch's threads
+    # (OMP_NUM_THREADS or all cores), as a training run with the pipeline in the main process
+    args.num_workers = plan_workers(args.num_workers, ctx.device_type, UPSTREAM_WORKERS, args.batched_aug)
     fix_random_seeds(args.seed)
     mp = MixedPrecision.from_flag(args.use_fp16, ctx.device_type)
     name = args.bench_name or default_name(args, ctx.device_type, mp.precision)
     step = None if args.bench_skip_step else time_dino_step(args, ctx)
-    rates = time_dino_pipeline(args, bench.worker_counts(args, args.num_workers))
+    rates = time_dino_pipeline(args, bench.worker_counts(args, args.num_workers), ctx.device)
     config = {"method": "dino", "arch": args.arch, "patch_size": args.patch_size, "crops": layout(args),
               "out_dim": args.out_dim, "batch": args.batch_size_per_gpu, "precision": mp.precision,
-              "compile": bool(args.compile), "use_bn_in_head": args.use_bn_in_head}
+              "compile": bool(args.compile), "use_bn_in_head": args.use_bn_in_head,
+              "batched_aug": args.batched_aug, "threads": torch.get_num_threads()}
     bench.report(name, config, ctx.device, step, rates, args.bench_json)
 
 

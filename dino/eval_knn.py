@@ -27,6 +27,7 @@ from ssl_runtime.distributed import DistContext, add_launcher_args, barrier, ini
 from ssl_runtime.errors import UserError, main_entry  # noqa: E402
 from ssl_runtime.knn import IndexedDataset, extract_features, knn_classify_all, result_line  # noqa: E402
 from ssl_runtime.logs import silence_non_main  # noqa: E402
+from ssl_runtime.cpu_layout import AUTO_WORKERS, plan_workers, set_cpu_threads  # noqa: E402
 from ssl_runtime.misc import bool_flag, fix_random_seeds  # noqa: E402
 
 FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
@@ -45,7 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="folder where to save the computed features, empty for no saving")
     parser.add_argument("--load_features", default=None,
                         help="folder with features saved by --dump_features (skips extraction)")
-    parser.add_argument("--num_workers", default=10, type=int, help="data loading workers per process")
+    parser.add_argument("--num_workers", default=AUTO_WORKERS, type=int,
+                        help="data loading workers per process; -1 (default): upstream's 10 on NPU/GPU, "
+                             "on CPU planned with the torch threads (ssl_runtime/cpu_layout.py)")
     parser.add_argument("--data_path", default=None, type=str,
                         help="dataset root with train/ and val/ (default: the bundled Fashion-MNIST)")
     add_launcher_args(parser)
@@ -105,6 +108,9 @@ def eval_knn(args: argparse.Namespace) -> dict[int, tuple[float, float]]:
     ctx = init_distributed(args.device, args.local_rank, args.dist_url)
     silence_non_main(ctx.is_main)
     fix_random_seeds(0)  # a random-initialisation baseline is then reproducible
+    args.num_workers = plan_workers(args.num_workers, ctx.device_type, 10, light_pipeline=True)
+    layout = set_cpu_threads(ctx.device_type, args.num_workers)
+    print(layout)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
     if args.load_features:

@@ -25,13 +25,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dino.augment import DataAugmentationDINO, eval_transform  # noqa: E402
+from dino.augment import build_dino_augmentation, eval_transform  # noqa: E402
 from dino.checkpoints import load_training_state  # noqa: E402
 from dino.loss import COLLAPSE_KL_FRACTION, DINOLoss, collapse_kind  # noqa: E402
 from dino.models import build_dino_networks, canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
+from ssl_runtime.augment import use_batched, views_to_device  # noqa: E402
 from ssl_runtime.collapse import CollapseWatch  # noqa: E402
 from ssl_runtime.checkpoint import add_trust_arg, load_first_readable, previous_path, save_atomic  # noqa: E402
+from ssl_runtime.cpu_layout import AUTO_WORKERS, plan_workers, set_cpu_threads  # noqa: E402
 from ssl_runtime.data import (SafeImageFolder, build_loader, limit_images, resolve_data_path,  # noqa: E402
                               set_loader_epoch)
 from ssl_runtime.device import add_device_arg, compile_module  # noqa: E402
@@ -51,6 +53,7 @@ from ssl_runtime.optim import (OPTIMIZERS, build_optimizer, clear_gradients, hel
 from ssl_runtime.schedules import cosine_schedule  # noqa: E402
 
 PRINT_FREQ = 10
+UPSTREAM_WORKERS = 10  # upstream's --num_workers, what AUTO_WORKERS means on NPU/GPU
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -115,6 +118,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="area range of the local crops")
     parser.add_argument("--img_size", type=int, default=224, help="side of the global crops")
     parser.add_argument("--local_crop_size", type=int, default=96, help="side of the local crops")
+    parser.add_argument("--batched_aug", type=bool_flag, default=None,
+                        help="(ours) draw each image's augmentation parameters and crop it on the data "
+                             "workers, and apply the colour jitter, grayscale, blur and solarisation to "
+                             "whole batches as tensor ops where the model runs: the same distributions "
+                             "and pixels as the PIL pipeline, several times cheaper on the host. Default: "
+                             "true on CPU, false on NPU/GPU")
 
     # Misc
     parser.add_argument("--data_path", default=None, type=str,
@@ -130,7 +139,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int, help="random seed")
     parser.add_argument("--compile", default=False, type=bool_flag,
                         help="torch.compile the student and teacher backbones (CUDA, CPU; not NPU)")
-    parser.add_argument("--num_workers", default=10, type=int, help="data loading workers per process")
+    parser.add_argument("--num_workers", default=AUTO_WORKERS, type=int,
+                        help="data loading workers per process; -1 (default): upstream's 10 on NPU/GPU, "
+                             "on CPU planned with the torch threads (ssl_runtime/cpu_layout.py)")
     parser.add_argument("--knn_every", default=0, type=int,
                         help="(ours) every N epochs, a quick 20-NN top-1 of the teacher's backbone on "
                              "fixed 5,000 train / 1,000 val images (val/ beside the training folder), "
@@ -180,6 +191,8 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} {getattr(args, name)} must be between 0 and --epochs {args.epochs}")
     _check_scale("global_crops_scale", args.global_crops_scale)
     _check_scale("local_crops_scale", args.local_crops_scale)
+    if args.num_workers < AUTO_WORKERS:
+        raise UserError(f"--num_workers must be >= 0 (or -1: automatic), got {args.num_workers}")
     if min(args.clip_grad, args.freeze_last_layer, args.saveckp_freq, args.max_train_images,
            args.saveckp_steps, args.knn_every) < 0:
         raise UserError("--clip_grad, --freeze_last_layer, --saveckp_freq, --saveckp_steps, "
@@ -305,10 +318,13 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
                     steps_left: int | None, start_step: int = 0,
                     checkpointer: StepCheckpointer | None = None,
                     monitor: TrainingMonitor = TrainingMonitor.disabled(),
-                    collapse: CollapseWatch | None = None) -> tuple[dict, int, bool]:
+                    collapse: CollapseWatch | None = None,
+                    prepare_views=None) -> tuple[dict, int, bool]:
     """One pass over the data (or fewer steps) from batch `start_step` on (a mid-epoch resume);
-    returns (stats, steps done, epoch completed)."""
+    returns (stats, steps done, epoch completed). prepare_views turns a loaded batch of views
+    into the crops on the device (ssl_runtime.augment.views_to_device)."""
     lr_schedule, wd_schedule, momentum_schedule = schedules
+    prepare_views = prepare_views or views_to_device(None, ctx.device)
     params = (list(unwrap(student).parameters()), list(teacher.parameters()))
     metric_logger = MetricLogger(delimiter="  ", device=ctx.device)
     header = f"Epoch: [{epoch}/{args.epochs}]"
@@ -320,7 +336,7 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
                                      start=start_step):
         global_it = len(data_loader) * epoch + it
         set_schedule_values(optimizer, lr_schedule[global_it], wd_schedule[global_it])
-        images = [im.to(ctx.device, non_blocking=True) for im in images]
+        images = prepare_views(images)
         loss = train_step(student, teacher, dino_loss, images, optimizer, mp, epoch,
                           float(momentum_schedule[global_it]), args, params)
         guard.record(loss)
@@ -447,12 +463,17 @@ def train_dino(args: argparse.Namespace) -> None:
     ctx = init_distributed(args.device, args.local_rank, args.dist_url)
     silence_non_main(ctx.is_main)
     fix_random_seeds(args.seed)
+    args.batched_aug = use_batched(args.batched_aug, ctx.device_type)
+    args.num_workers = plan_workers(args.num_workers, ctx.device_type, UPSTREAM_WORKERS, args.batched_aug)
+    layout = set_cpu_threads(ctx.device_type, args.num_workers)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    print(layout)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     # ============ data ============
-    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
-                                     args.local_crops_number, args.img_size, args.local_crop_size)
+    transform = build_dino_augmentation(args.global_crops_scale, args.local_crops_scale,
+                                        args.local_crops_number, args.img_size, args.local_crop_size,
+                                        args.batched_aug)
     dataset = limit_images(SafeImageFolder(data_folder, transform=transform), args.max_train_images, args.seed)
     data_loader = build_loader(dataset, args.batch_size_per_gpu, args.num_workers, ctx,
                                shuffle=True, drop_last=True, seed=args.seed)
@@ -506,7 +527,8 @@ def train_dino(args: argparse.Namespace) -> None:
         stats, steps, completed = train_one_epoch(
             student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch, args, ctx,
             throughput, guard, None if args.num_steps is None else budget - steps_done,
-            start_step if epoch == start_epoch else 0, checkpointer, monitor, collapse)
+            start_step if epoch == start_epoch else 0, checkpointer, monitor, collapse,
+            views_to_device(transform, ctx.device))
         monitor.scalars(epoch, "epoch", stats)
         steps_done += steps
         # an epoch cut short by --num_steps resumes at the batch where it stopped

@@ -26,13 +26,16 @@ from yacs.config import CfgNode  # noqa: E402
 
 from moby.cli import add_pretrain_limits, base_parser, parse_config  # noqa: E402
 from moby.config import set_values  # noqa: E402
-from moby.data import TwoViewDataset, ssl_transforms  # noqa: E402
+from moby.cli import UPSTREAM_WORKERS  # noqa: E402
+from moby.data import batch_preparer, two_view_dataset  # noqa: E402
 from moby.engine import TrainState, train_step  # noqa: E402
 from moby.main_moby import moby_loss  # noqa: E402
 from moby.model import build_moby, check_queue_size, maybe_compile_encoders  # noqa: E402
 from moby.optimization import build_optimizer, build_scheduler  # noqa: E402
 from ssl_runtime import bench  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
+from ssl_runtime.augment import use_batched  # noqa: E402
+from ssl_runtime.cpu_layout import plan_workers  # noqa: E402
 from ssl_runtime.data import SafeImageFolder  # noqa: E402
 from ssl_runtime.device import set_fast_math  # noqa: E402
 from ssl_runtime.distributed import single_process_context  # noqa: E402
@@ -83,13 +86,16 @@ def time_moby_step(config: CfgNode, ctx, seed: int, steps: int, warmup: int) -> 
     return bench.time_steps(build_moby_step(config, ctx, seed), ctx.device, config.DATA.BATCH_SIZE, steps, warmup)
 
 
-def time_moby_pipeline(config: CfgNode, workers: list[int], batches: int) -> dict[int, float]:
-    view1, view2 = ssl_transforms(config)
+def time_moby_pipeline(config: CfgNode, workers: list[int], batches: int, device) -> dict[int, float]:
+    """Loader images/s per worker count, with the batched augmentation's per-batch part (on the
+    device) included when AUG.BATCHED is on, as in training."""
     with tempfile.TemporaryDirectory() as scratch:
         folder = bench.pipeline_folder(config.DATA.DATA_PATH or None, config.DATA.IMG_SIZE, Path(scratch),
                                        flag="--data-path")
-        dataset = TwoViewDataset(SafeImageFolder(folder), view1, view2)
-        return {w: bench.time_data_pipeline(dataset, config.DATA.BATCH_SIZE, w, batches) for w in workers}
+        dataset = two_view_dataset(config, SafeImageFolder(folder))
+        prepare = batch_preparer(dataset, device)
+        return {w: bench.time_data_pipeline(dataset, config.DATA.BATCH_SIZE, w, batches,
+                                            finish=prepare, device=device) for w in workers}
 
 
 @main_entry
@@ -101,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     bench.check_benchmark_args(args)
     ctx = single_process_context(config.DEVICE)
     set_fast_math(ctx.device_type)
+    batched = use_batched(config.AUG.BATCHED, ctx.device_type)
+    workers = plan_workers(config.DATA.NUM_WORKERS, ctx.device_type, UPSTREAM_WORKERS, batched)
+    set_values(config, **{"AUG.BATCHED": batched, "DATA.NUM_WORKERS": workers})  # see dino/benchmark.py
     set_values(config, **{"TRAIN.EPOCHS": max(config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS + 1)})
     check_queue_size(config, ctx.world_size)
     seed_everything(config.SEED)
@@ -108,10 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     name = args.bench_name or default_name(config, ctx.device_type, precision)
     step = None if args.bench_skip_step else \
         time_moby_step(config, ctx, config.SEED, args.bench_steps, args.bench_warmup)
-    rates = time_moby_pipeline(config, bench.worker_counts(args, config.DATA.NUM_WORKERS), args.bench_batches)
+    rates = time_moby_pipeline(config, bench.worker_counts(args, config.DATA.NUM_WORKERS), args.bench_batches,
+                               ctx.device)
     summary = {"method": "moby", "encoder": config.MODEL.MOBY.ENCODER, "model": config.MODEL.NAME,
                "img_size": config.DATA.IMG_SIZE, "queue": config.MODEL.MOBY.CONTRAST_NUM_NEGATIVE,
-               "batch": config.DATA.BATCH_SIZE, "precision": precision, "compile": config.TRAIN.COMPILE}
+               "batch": config.DATA.BATCH_SIZE, "precision": precision, "compile": config.TRAIN.COMPILE,
+               "batched_aug": config.AUG.BATCHED, "threads": torch.get_num_threads()}
     bench.report(name, summary, ctx.device, step, rates, args.bench_json)
 
 

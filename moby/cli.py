@@ -12,7 +12,9 @@ import os
 
 from yacs.config import CfgNode
 
+from ssl_runtime.augment import use_batched
 from ssl_runtime.checkpoint import add_trust_arg
+from ssl_runtime.cpu_layout import plan_workers, set_cpu_threads
 from ssl_runtime.device import add_device_arg
 from ssl_runtime.distributed import DistContext, add_launcher_args, init_distributed
 from ssl_runtime.errors import UserError
@@ -77,10 +79,23 @@ def parse_config(parser: argparse.ArgumentParser,
     return args, get_config(args)
 
 
-def start_run(config: CfgNode, args: argparse.Namespace) -> DistContext:
-    """Device, process group and per-rank seed (SEED + rank, as upstream)."""
+UPSTREAM_WORKERS = 8  # upstream's DATA.NUM_WORKERS, what -1 means on NPU/GPU
+
+
+def start_run(config: CfgNode, args: argparse.Namespace, pretraining: bool = False) -> DistContext:
+    """Device, process group, data workers and CPU threads, per-rank seed (SEED + rank, as upstream).
+
+    Pretraining resolves AUG.BATCHED (its augmentation is heavy unless batched); the
+    evaluations' transforms are light, so on CPU they load in the main process."""
     ctx = init_distributed(config.DEVICE, args.local_rank, args.dist_url)
-    set_values(config, LOCAL_RANK=ctx.local_rank)
+    batched = pretraining and use_batched(config.AUG.BATCHED, ctx.device_type)
+    workers = plan_workers(config.DATA.NUM_WORKERS, ctx.device_type, UPSTREAM_WORKERS,
+                           light_pipeline=batched or not pretraining)
+    set_values(config, LOCAL_RANK=ctx.local_rank, **{"AUG.BATCHED": batched, "DATA.NUM_WORKERS": workers})
+    if ctx.is_main:
+        print(set_cpu_threads(ctx.device_type, workers), flush=True)
+    else:
+        set_cpu_threads(ctx.device_type, workers)
     seed_everything(config.SEED + ctx.rank)
     return ctx
 

@@ -31,7 +31,9 @@ _C.DATA.INTERPOLATION = "bicubic"
 _C.DATA.ZIP_MODE = False  # upstream's zip reader: not supported here
 _C.DATA.CACHE_MODE = "part"  # upstream's in-memory cache: not supported here
 _C.DATA.PIN_MEMORY = True
-_C.DATA.NUM_WORKERS = 8
+# (ours) -1: automatic, upstream's 8 on NPU/GPU; on CPU planned with the torch threads
+# (ssl_runtime/cpu_layout.py)
+_C.DATA.NUM_WORKERS = -1
 # (ours) Train on a fixed random subset of at most this many training images (0 = all of them);
 # the subset depends on SEED only, so every rank and every evaluation sees the same images.
 _C.DATA.MAX_TRAIN_IMAGES = 0
@@ -156,6 +158,9 @@ _C.AUG.SSL_AUG = False  # the two-view MoBY augmentation
 _C.AUG.SSL_AUG_TYPE = "byol"
 _C.AUG.SSL_AUG_CROP = 0.08  # smallest RandomResizedCrop scale
 _C.AUG.SSL_LINEAR_AUG = False  # crop + flip only, for linear evaluation
+# (ours) the two views' colour steps on whole batches where the model runs (ssl_runtime.augment):
+# None (automatic) means True on CPU, False on NPU/GPU
+_C.AUG.BATCHED = None
 
 # ----------------------------------------------------------------------------- testing
 _C.TEST = CN()
@@ -284,7 +289,7 @@ _LOWER_BOUNDS = (
     ("TRAIN.EPOCHS", 1, "--epochs N or --opts TRAIN.EPOCHS N with N >= 1"),
     ("DATA.BATCH_SIZE", 1, "--batch-size N with N >= 1"),
     ("DATA.IMG_SIZE", 1, "--opts DATA.IMG_SIZE N"),
-    ("DATA.NUM_WORKERS", 0, "--opts DATA.NUM_WORKERS 0 (or more)"),
+    ("DATA.NUM_WORKERS", -1, "--opts DATA.NUM_WORKERS N with N >= 0 (or -1: automatic)"),
     ("DATA.MAX_TRAIN_IMAGES", 0, "0 (all images) or a positive count"),
     ("TRAIN.STEPS", 0, "--steps N with N >= 1 (0: no limit)"),
     ("TRAIN.MAX_EPOCHS", 0, "--max_epochs N with N >= 1 (0: off)"),

@@ -18,6 +18,7 @@ from torchvision import transforms
 from yacs.config import CfgNode
 
 from ssl_runtime import device as devices
+from ssl_runtime.augment import BatchedViews, ViewSpec, views_to_device
 from ssl_runtime.data import SafeImageFolder, limit_images, resolve_data_path
 from ssl_runtime.distributed import DistContext
 from ssl_runtime.errors import UserError
@@ -95,10 +96,21 @@ def eval_transform(config: CfgNode, interpolation=BILINEAR) -> Callable:
     return transforms.Compose(resize + [transforms.ToTensor(), _normalize()])
 
 
-class TwoViewDataset(Dataset):
-    """Wraps an ImageFolder: item i is (view1, view2, label), each view from its own pipeline."""
+def moby_view_specs(config: CfgNode) -> list[ViewSpec]:
+    """ssl_transforms' two views for the batched pipeline (ssl_runtime.augment): the same crop
+    (RandomResizedCrop's default bilinear resampling) and probabilities."""
+    if config.AUG.SSL_AUG_TYPE != "byol":
+        raise UserError(f"AUG.SSL_AUG_TYPE {config.AUG.SSL_AUG_TYPE!r} is not supported: use 'byol'")
+    size, scale = config.DATA.IMG_SIZE, (config.AUG.SSL_AUG_CROP, 1.0)
+    return [ViewSpec(size, scale, "bilinear", blur_p=1.0, solarize_p=0.0),
+            ViewSpec(size, scale, "bilinear", blur_p=0.1, solarize_p=0.2)]
 
-    def __init__(self, folder: SafeImageFolder, view1: Callable, view2: Callable):
+
+class TwoViewDataset(Dataset):
+    """Wraps an ImageFolder: item i is (view1, view2, label), each view from its own pipeline, or
+    from one BatchedViews producing both (then each view is a (pixels, parameters) pair)."""
+
+    def __init__(self, folder: SafeImageFolder, view1: Callable, view2: Callable | None = None):
         self.folder = folder
         self.view1, self.view2 = view1, view2
         folder.transform = None
@@ -109,6 +121,8 @@ class TwoViewDataset(Dataset):
 
     def __getitem__(self, index: int):
         image, label = self.folder[index]
+        if self.view2 is None:
+            return (*self.view1(image), label)
         return self.view1(image), self.view2(image), label
 
 
@@ -125,10 +139,29 @@ def train_folder(config: CfgNode, root, transform: Callable | None = None) -> Sa
     return limit_images(folder, config.DATA.MAX_TRAIN_IMAGES, config.SEED)
 
 
-def build_pretrain_dataset(config: CfgNode) -> TwoViewDataset:
-    root = dataset_root(config, ("train",))
+def two_view_dataset(config: CfgNode, folder: SafeImageFolder) -> TwoViewDataset:
+    """Upstream's PIL pipelines, or with AUG.BATCHED (resolved to True or False by cli.start_run)
+    one BatchedViews whose colour steps the training loop applies per batch (batch_preparer)."""
+    if config.AUG.BATCHED:
+        views = BatchedViews(moby_view_specs(config), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        return TwoViewDataset(folder, views)
     view1, view2 = ssl_transforms(config)
-    return TwoViewDataset(train_folder(config, root), view1, view2)
+    return TwoViewDataset(folder, view1, view2)
+
+
+def build_pretrain_dataset(config: CfgNode) -> TwoViewDataset:
+    return two_view_dataset(config, train_folder(config, dataset_root(config, ("train",))))
+
+
+def batch_preparer(dataset: TwoViewDataset, device) -> Callable[[tuple], tuple]:
+    """What the training loop applies to a loaded (view1, view2, labels) batch."""
+    finish = views_to_device(dataset.view1 if dataset.view2 is None else None, device)
+
+    def prepare(batch: tuple) -> tuple:
+        view_1, view_2, labels = batch
+        return (*finish([view_1, view_2]), labels.to(device, non_blocking=True))
+
+    return prepare
 
 
 def build_labelled_datasets(config: CfgNode, train_transform: Callable,

@@ -55,6 +55,9 @@ class TrainState:
     # the train line, TensorBoard and log.txt, and the watch that warns when they show a collapse
     signals: Callable[[], dict[str, torch.Tensor]] | None = None
     collapse: CollapseWatch | None = None
+    # (ours) a loaded batch -> the model's inputs on the device (the batched augmentation's
+    # colour steps, moby.data.batch_preparer); None: a plain copy
+    prepare_batch: Callable[[tuple], tuple] | None = None
 
 
 def last_epoch(config: CfgNode) -> int:
@@ -155,7 +158,10 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
         if state.iterations_left <= 0:
             return True
         state.iterations_left -= 1
-        batch = devices.to_device(batch, state.ctx.device)
+        if state.prepare_batch is not None:
+            batch = state.prepare_batch(batch)
+        else:
+            batch = devices.to_device(batch, state.ctx.device)
         boundary = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
         loss, grad_norm = train_step(model, batch, state, compute_loss, params, config.TRAIN.CLIP_GRAD,
                                      accumulation, boundary)
@@ -243,10 +249,11 @@ def maybe_resume(config: CfgNode, model: torch.nn.Module, state: TrainState) -> 
 
 @torch.no_grad()
 def measure_throughput(loader: DataLoader, model: torch.nn.Module, ctx: DistContext,
-                       logger: logging.Logger) -> float:
+                       logger: logging.Logger, prepare: Callable[[tuple], tuple] | None = None) -> float:
     """Upstream's throughput test: 50 warm-up and 30 timed forwards of one batch, eval mode."""
     model.eval()
-    images = next(iter(loader))[0].to(ctx.device, non_blocking=True)
+    batch = next(iter(loader))
+    images = prepare(batch)[0] if prepare else batch[0].to(ctx.device, non_blocking=True)
     batch_size = images.shape[0]
     for _ in range(50):
         model(images)

@@ -25,7 +25,7 @@ from yacs.config import CfgNode  # noqa: E402
 from moby.checkpoint import save_checkpoint  # noqa: E402
 from moby.cli import add_pretrain_limits, base_parser, open_output, parse_config, start_run  # noqa: E402
 from moby.config import set_values  # noqa: E402
-from moby.data import BICUBIC, build_labelled_datasets, build_pretrain_dataset, eval_transform  # noqa: E402
+from moby.data import BICUBIC, batch_preparer, build_labelled_datasets, build_pretrain_dataset, eval_transform  # noqa: E402
 from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, accumulation_steps, last_epoch,  # noqa: E402
                          maybe_resume, measure_throughput, prepare_budget, train_one_epoch)
 from moby.model import build_moby, check_queue_size, maybe_compile_encoders  # noqa: E402
@@ -101,6 +101,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
                        skip_non_finite=config.TRAIN.SKIP_NON_FINITE)
     state.health = StepHealth(ctx.device, MOBY_ADVICE, mp.scaler, logger.info,
                               stop=not config.TRAIN.SKIP_NON_FINITE)
+    state.prepare_batch = batch_preparer(dataset, ctx.device)
     maybe_resume(config, moby, state)
     attach_monitor(config, state, ctx, logger, global_batch).add_source(momentum_source(moby))
     state.signals = lambda: moby.signals  # (ours) pos_sim, neg_sim, sim_gap of the last forward
@@ -112,7 +113,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     skip_batches(loader, state.resume_step)
 
     if config.THROUGHPUT_MODE:
-        measure_throughput(loader, moby.encoder, ctx, logger)
+        measure_throughput(loader, moby.encoder, ctx, logger, state.prepare_batch)
         return
     if config.EVAL_MODE:
         from moby.eval_knn import knn_on_encoder
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = base_parser("MoBY training and evaluation script")
     add_pretrain_limits(parser)
     args, config = parse_config(parser, argv)
-    ctx = start_run(config, args)
+    ctx = start_run(config, args, pretraining=True)
     try:
         check_queue_size(config, ctx.world_size)
         scale_learning_rates(config, ctx.world_size)

@@ -108,8 +108,10 @@ def step_line(name: str, figures: StepFigures) -> str:
 
 
 def time_data_pipeline(dataset: Dataset, batch_size: int, workers: int, batches: int,
-                       collate_fn: Callable | None = None) -> float:
-    """Images/s delivered by a DataLoader over `dataset` (decode + augment + collate) on the host.
+                       collate_fn: Callable | None = None, finish: Callable | None = None,
+                       device: torch.device | str = "cpu") -> float:
+    """Images/s delivered by a DataLoader over `dataset` (decode + augment + collate) on the host,
+    then `finish` on each batch (the batched augmentation's per-batch part, on `device`).
 
     The first batches (worker start-up) are not timed; the dataset is cycled when it is short.
     """
@@ -121,14 +123,17 @@ def time_data_pipeline(dataset: Dataset, batch_size: int, workers: int, batches:
     extra = {"prefetch_factor": 2} if workers > 0 else {}
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=collate_fn, drop_last=True, **extra)
+    finish = finish or (lambda batch: batch)
     iterator = iter(loader)
     for _ in range(warmup):
-        next(iterator)
+        finish(next(iterator))
+    devices.synchronize(device)
     start = time.perf_counter()
     count = 0
     for _ in range(batches):
-        next(iterator)
+        finish(next(iterator))
         count += batch_size
+    devices.synchronize(device)
     rate = count / (time.perf_counter() - start)
     del iterator
     return rate

@@ -235,6 +235,12 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+def exact_float_dtype(kind: str) -> torch.dtype:
+    """float64 where the device computes it (CPU, CUDA); float32 on NPU, whose kernels mostly
+    lack double precision. The batched augmentation emulates C's double arithmetic with it."""
+    return torch.float32 if kind == "npu" else torch.float64
+
+
 def set_fast_math(kind: str) -> None:
     """Allow TF32 matmuls on CUDA (what upstream's cudnn.benchmark runs get); nothing elsewhere."""
     if kind == "cuda":

@@ -20,6 +20,8 @@ key = value case file that Ascend's tooling collects, and the loss file beside i
   (``Train: [0/..][0/..] ... time <seconds> (``), which holds the operators' compilation.
 - accuracy: DINO k-NN ``10-NN classifier result: Top1: x``, MoBY linear ``Max accuracy: x%``,
   or DINO linear ``Top-1 test accuracy: x``.
+- random-init accuracy (CPU runs, ``--random_init_accuracy``): the same evaluation of the
+  untrained network (ssl_runtime.baseline), printed beside the accuracy.
 """
 
 from __future__ import annotations
@@ -113,17 +115,21 @@ def parse_accuracy(path: str | Path) -> str:
                     f"{path}: evaluation did not finish; read {path} for the cause")
 
 
-def result_lines(train: TrainNumbers, accuracy: str | None, e2e_seconds: str) -> list[str]:
+def result_lines(train: TrainNumbers, accuracy: str | None, e2e_seconds: str,
+                 random_init: str | None = None) -> list[str]:
     """The block printed on stdout."""
     lines = [RULE, f"Final Performance images/sec : {train.images_per_sec}"]
     if accuracy is not None:
         lines.append(f"Final Train Accuracy : {accuracy}")
+    if random_init is not None:
+        lines.append(f"Random-init Accuracy : {random_init} (the same evaluation of the untrained network)")
     lines.append(f"E2E Training Duration sec : {e2e_seconds}")
     return lines
 
 
 def case_lines(network: str, rank_size: int, batch_size: int, case_name: str, train: TrainNumbers,
-               accuracy: str | None, e2e_seconds: str, compile_time: bool = False) -> list[str]:
+               accuracy: str | None, e2e_seconds: str, compile_time: bool = False,
+               random_init: str | None = None) -> list[str]:
     """The `key = value` case file of Ascend's tooling."""
     lines = [
         f"Network = {network}",
@@ -140,6 +146,8 @@ def case_lines(network: str, rank_size: int, batch_size: int, case_name: str, tr
     lines.append(f"E2ETrainingTime = {e2e_seconds}")
     if compile_time:
         lines.append(f"CompileTime = {train.first_step_time or 'NA'}")
+    if random_init is not None:  # (ours, CPU runs) after the port's keys
+        lines.append(f"RandomInitAccuracy = {random_init}")
     return lines
 
 
@@ -157,6 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss_file", help="loss file to write (train_<CaseName>_loss.txt)")
     parser.add_argument("--compile_time", action="store_true",
                         help="add CompileTime (the first step's time) to the case file")
+    parser.add_argument("--random_init_accuracy", default=None,
+                        help="accuracy of the same evaluation at random initialisation (printed beside)")
     parser.add_argument("--accuracy_only", action="store_true",
                         help="only print 'Final Train Accuracy : X' from --eval_log")
     return parser
@@ -178,12 +188,13 @@ def main(argv: list[str] | None = None) -> None:
 
     train = parse_train_log(args.train_log)
     accuracy = parse_accuracy(args.eval_log) if args.eval_log else None
-    print("\n".join(result_lines(train, accuracy, args.e2e_seconds)), flush=True)
+    random_init = args.random_init_accuracy or None
+    print("\n".join(result_lines(train, accuracy, args.e2e_seconds, random_init)), flush=True)
     out_file = Path(args.out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text("\n".join(case_lines(args.network, args.rank_size, args.batch_size,
                                              args.case_name, train, accuracy, args.e2e_seconds,
-                                             args.compile_time)) + "\n")
+                                             args.compile_time, random_init)) + "\n")
     if args.loss_file:
         Path(args.loss_file).write_text("".join(f"{loss}\n" for loss in train.losses))
 

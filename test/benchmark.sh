@@ -47,7 +47,7 @@ config_command() {
     local dino_common="--use_fp16 $([[ $AMP == 1 ]] && echo true || echo false) --compile $([[ $COMPILE == 1 ]] && echo true || echo false)"
     local moby_common="--amp-opt-level $([[ $AMP == 1 ]] && echo O1 || echo O0) $([[ $COMPILE == 1 ]] && echo --compile)"
     case $1 in
-        dino_cpu) echo "dino/benchmark.py --arch vit_pico --patch_size 4 --img_size 32 --local_crop_size 16 --local_crops_number 2 --out_dim 4096 --use_bn_in_head true --num_workers 2 $dino_common" ;;
+        dino_cpu) echo "dino/benchmark.py --arch vit_pico --patch_size 4 --img_size 32 --local_crop_size 16 --local_crops_number 2 --out_dim 4096 --use_bn_in_head true $dino_common" ;;
         a) echo "dino/benchmark.py --arch vit_small --patch_size 16 --local_crops_number 2 --out_dim 65536 --num_workers 2 $dino_common" ;;
         b) echo "dino/benchmark.py --arch vit_tiny --patch_size 4 --img_size 32 --local_crop_size 16 --local_crops_number 6 --out_dim 4096 --num_workers 2 $dino_common" ;;
         vits16) echo "dino/benchmark.py --arch vit_small --patch_size 16 --local_crops_number 10 $dino_common" ;;

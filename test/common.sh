@@ -64,7 +64,19 @@ dino_small_cpu_args() {
 }
 # The matching architecture flags for dino/eval_knn.py and dino/eval_linear.py on CPU.
 dino_small_cpu_eval_args() {
-    echo "--arch vit_pico --patch_size 4 --img_size 32 --num_workers 2"
+    echo "--arch vit_pico --patch_size 4 --img_size 32"
+}
+# The random-initialisation baseline of a CPU full run (RANDOM_EVAL_CMD): the run's own k-NN
+# evaluation of the untrained network, measured once per recipe and cached (ssl_runtime.baseline).
+dino_random_init_eval() {
+    # shellcheck disable=SC2206
+    RANDOM_EVAL_CMD=("$DINO_EVAL_KNN" --checkpoint_key teacher --device "$DEVICE" $EVAL_MODEL_ARGS)
+    [[ -n $DATA_PATH ]] && RANDOM_EVAL_CMD+=(--data_path "$DATA_PATH")
+    return 0
+}
+# The evaluation of a full run and of test/eval_*.sh: upstream's k-NN protocol.
+dino_default_eval() {
+    echo eval_knn
 }
 # DINO on NPU/GPU: upstream's ViT-S/16 recipe (main_dino.py's defaults).
 dino_full_args() {
@@ -90,6 +102,23 @@ moby_small_cpu_cfg() {
 }
 moby_full_cfg() {
     echo configs/moby_swin_tiny.yaml
+}
+# The evaluation of a full run ($1 = full) or of test/eval_*.sh ($1 = eval): on NPU/GPU upstream's
+# linear evaluation; a CPU full run uses the k-NN protocol (moby/eval_knn.py, as DINO's: weighted
+# 10/20-NN, T = 0.07, the full 60k/10k split), because one linear epoch, all a CPU run can afford,
+# measures the linear head's training more than the encoder.
+moby_default_eval() {
+    if [[ $1 == full && $DEVICE == cpu ]]; then echo eval_knn; else echo eval_linear; fi
+}
+moby_knn_eval_args() {  # the whole train split, whatever subset pretraining used
+    echo "--opts DATA.MAX_TRAIN_IMAGES 0"
+}
+moby_random_init_eval() {
+    # shellcheck disable=SC2046
+    RANDOM_EVAL_CMD=("$MOBY_EVAL_KNN" --cfg "$CFG" --output "$RUN_DIR" --tag random_init --random-init
+        --device "$DEVICE" $(moby_knn_eval_args))
+    [[ -n $DATA_PATH ]] && RANDOM_EVAL_CMD+=(--data-path "$DATA_PATH")
+    return 0
 }
 # The linear-evaluation config of a pretraining config: foo.yaml -> foo_linear.yaml when it exists.
 moby_linear_cfg() {
@@ -405,7 +434,7 @@ ssl_resolve() {
 # Build the program command lines (arrays, without the launcher) for the mode.
 ssl_build_commands() {
     local mode=$1 evaluation=$1
-    [[ $mode == full || $mode == eval ]] && evaluation=$([[ $MODEL == dino ]] && echo eval_knn || echo eval_linear)
+    [[ $mode == full || $mode == eval ]] && evaluation=$("${MODEL}_default_eval" "$mode")
     PRETRAIN_CMD=() EVAL_CMD=()
     # shellcheck disable=SC2206,SC2207  # the model argument strings are meant to split into words
     if [[ $MODEL == dino ]]; then
@@ -448,7 +477,9 @@ ssl_build_commands() {
             fi
         elif [[ $evaluation == eval_knn ]]; then
             EVAL_CMD=("$MOBY_EVAL_KNN" --cfg "$CFG" --output "$RUN_DIR" --tag knn
-                --pretrained "$CHECKPOINT" --device "$DEVICE")
+                --pretrained "${CHECKPOINT:-$RUN_DIR/MODEL.NAME/pretrain/checkpoint.pth}" --device "$DEVICE")
+            # shellcheck disable=SC2207
+            [[ $mode == full ]] && EVAL_CMD+=($(moby_knn_eval_args))
         fi
         [[ ${#EVAL_CMD[@]} -gt 0 && -n $DATA_PATH ]] && EVAL_CMD+=(--data-path "$DATA_PATH")
     fi
@@ -465,6 +496,8 @@ ssl_build_commands() {
     if [[ $TRUST == 1 ]]; then
         if [[ $MODEL == dino ]]; then EVAL_CMD+=(--trust_checkpoint); else EVAL_CMD+=(--trust-checkpoint); fi
     fi
+    RANDOM_EVAL_CMD=()
+    if [[ $mode == full && $DEVICE == cpu ]]; then "${MODEL}_random_init_eval"; fi
     return 0
 }
 
@@ -485,6 +518,7 @@ ssl_quote() {
 ssl_print_commands() {
     ((${#PRETRAIN_CMD[@]})) && echo "PRETRAIN: $(ssl_quote "${LAUNCHER[@]}" "${PRETRAIN_CMD[@]}")"
     ((${#EVAL_CMD[@]})) && echo "EVAL: $(ssl_quote "${EVAL_LAUNCHER[@]}" "${EVAL_CMD[@]}")"
+    ((${#RANDOM_EVAL_CMD[@]})) && echo "RANDOM-INIT: $(ssl_quote "${EVAL_LAUNCHER[@]}" "${RANDOM_EVAL_CMD[@]}")"
     return 0
 }
 
@@ -555,9 +589,20 @@ ssl_train() {
     # the MoBY port's 1-device performance case also records the first step's time
     [[ $mode == perf && $MODEL == moby && $WORLD == 1 ]] && report_args+=(--compile_time)
     local e2e=$((SECONDS - start))
+    if ((${#RANDOM_EVAL_CMD[@]})); then
+        local random_init
+        random_init=$(ssl_random_init) || exit $?
+        report_args+=(--random_init_accuracy "$random_init")
+    fi
     "$SSL_PYTHON" -m ssl_runtime.report --train_log "$TRAIN_LOG" "${report_args[@]}" \
         --network "$NETWORK" --rank_size "$WORLD" --batch_size "$BATCH_SIZE" \
         --case_name "$CASE_NAME" --e2e_seconds "$e2e" --out_file "$CASE_FILE" || exit $?
+}
+
+# The accuracy of RANDOM_EVAL_CMD, after the timed run: measured once per recipe, then cached.
+ssl_random_init() {
+    echo "[$(date +%T)] random-init baseline (once per recipe, then cached): $(ssl_quote "${RANDOM_EVAL_CMD[@]}")" >&2
+    "$SSL_PYTHON" -m ssl_runtime.baseline --log "$LOG_DIR/random_init_$DEVICE_ID.log" -- "${EVAL_LAUNCHER[@]}" "${RANDOM_EVAL_CMD[@]}"
 }
 
 ssl_evaluate() {

@@ -40,7 +40,7 @@ def dry_run(name: str, *flags: str, tmp_path: Path, **extra: str) -> tuple[dict,
     assert done.returncode == 0, done.stderr
     settings, commands = {}, {}
     for line in done.stdout.splitlines():
-        if line.startswith(("PRETRAIN: ", "EVAL: ")):
+        if line.startswith(("PRETRAIN: ", "EVAL: ", "RANDOM-INIT: ")):
             key, command = line.split(": ", 1)
             commands[key] = shlex.split(command)
         elif "=" in line:
@@ -237,6 +237,9 @@ STUB_DINO_KNN = """\
 import argparse, os, sys
 p = argparse.ArgumentParser(); p.add_argument("--pretrained_weights")
 args, _ = p.parse_known_args()
+if args.pretrained_weights is None:  # the random-init baseline; counts its runs
+    open(os.environ["STUB_CALLS"], "a").write("random-init\\n")
+    print("10-NN classifier result: Top1: 45.25, Top5: 80.0"); sys.exit(0)
 if not os.path.isfile(args.pretrained_weights):
     sys.exit("no checkpoint at " + args.pretrained_weights)
 if os.environ.get("STUB_FAIL"):
@@ -256,6 +259,16 @@ print("[x] INFO Train: [0/1][0/2]\\teta 0:00:01 lr 0.000100\\ttime 0.5 (0.5)\\tl
 print("[x] INFO Throughput: 99.25 images/s (0.6448 s/step over 8 steps after 2 warm-up, global batch 64)")
 """
 
+STUB_MOBY_KNN = """\
+import argparse, os, sys
+p = argparse.ArgumentParser(); p.add_argument("--pretrained"); p.add_argument("--random-init", action="store_true")
+args, _ = p.parse_known_args()
+if args.random_init:
+    print("[x] INFO 10-NN classifier result: Top1: 50.5, Top5: 85.0"); sys.exit(0)
+assert os.path.isfile(args.pretrained), args.pretrained
+print("[x] INFO 10-NN classifier result: Top1: 62.75, Top5: 93.0")
+"""
+
 STUB_MOBY_LINEAR = """\
 import argparse, os, sys
 p = argparse.ArgumentParser(); p.add_argument("--pretrained")
@@ -271,10 +284,14 @@ def stubs(tmp_path: Path) -> dict:
     folder.mkdir()
     paths = {}
     for name, text in (("DINO_PRETRAIN", STUB_DINO_PRETRAIN), ("DINO_EVAL_KNN", STUB_DINO_KNN),
-                       ("MOBY_PRETRAIN", STUB_MOBY_PRETRAIN), ("MOBY_LINEAR", STUB_MOBY_LINEAR)):
+                       ("MOBY_PRETRAIN", STUB_MOBY_PRETRAIN), ("MOBY_LINEAR", STUB_MOBY_LINEAR),
+                       ("MOBY_EVAL_KNN", STUB_MOBY_KNN)):
         path = folder / f"{name.lower()}.py"
         path.write_text(text)
         paths[name] = str(path)
+    # the random-init baseline's cache goes beside a dataset cache in the test's folder
+    paths["SSL_DATA_CACHE"] = str(tmp_path / "cache" / "fashion-mnist")
+    paths["STUB_CALLS"] = str(tmp_path / "calls.txt")
     return paths
 
 
@@ -282,15 +299,17 @@ def test_full_run_prints_the_result_block_and_writes_the_case_file(tmp_path, stu
     done = run_script("train_full_1p.sh", "--device=cpu", f"--data_path={tiny_imagefolder}",
                       tmp_path=tmp_path, **stubs)
     assert done.returncode == 0, done.stdout + done.stderr
-    block = done.stdout.splitlines()[-4:]
-    assert block[:3] == ["------------------ Final result ------------------",
-                         "Final Performance images/sec : 321.50", "Final Train Accuracy : 55.5"]
-    assert block[3].startswith("E2E Training Duration sec : ")
+    block = done.stdout.splitlines()[-5:]
+    assert block[:4] == ["------------------ Final result ------------------",
+                         "Final Performance images/sec : 321.50", "Final Train Accuracy : 55.5",
+                         "Random-init Accuracy : 45.25 (the same evaluation of the untrained network)"]
+    assert block[4].startswith("E2E Training Duration sec : ")
     out = tmp_path / "output" / "0"
     case = (out / "DINO_ID3436_for_PyTorch_bs64_1p_acc.log").read_text().splitlines()
     assert case[0] == "Network = DINO_ID3436_for_PyTorch"
     assert "RankSize = 1" in case and "BatchSize = 64" in case
     assert "TrainAccuracy = 55.5" in case and "ActualLoss = 8.375000" in case
+    assert "RandomInitAccuracy = 45.25" in case
     assert "TrainingTime = 0.1991" in case
     assert "Throughput" in (out / "train_0.log").read_text()
     assert "10-NN" in (out / "test_0.log").read_text()
@@ -306,12 +325,38 @@ def test_failing_stage_exits_non_zero_naming_its_log(tmp_path, stubs, tiny_image
     assert "Final result" not in done.stdout
 
 
-def test_moby_full_run_finds_the_pretrained_checkpoint(tmp_path, stubs, tiny_imagefolder):
+def test_random_init_baseline_is_measured_once_per_recipe(tmp_path, stubs, tiny_imagefolder):
+    for _ in range(2):
+        done = run_script("train_full_1p.sh", "--device=cpu", f"--data_path={tiny_imagefolder}",
+                          tmp_path=tmp_path, **stubs)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Random-init Accuracy : 45.25" in done.stdout
+    assert Path(stubs["STUB_CALLS"]).read_text() == "random-init\n"  # the second run used the cache
+    cached = list((tmp_path / "cache" / "random-init").glob("*.json"))
+    assert len(cached) == 1 and '"accuracy": "45.25"' in cached[0].read_text()
+    # another recipe (here: another dataset) is measured on its own
+    other = tmp_path / "other_data"
+    other.symlink_to(tiny_imagefolder, target_is_directory=True)
+    done = run_script("train_full_1p.sh", "--device=cpu", f"--data_path={other}", tmp_path=tmp_path, **stubs)
+    assert done.returncode == 0 and Path(stubs["STUB_CALLS"]).read_text().count("random-init") == 2
+    # accelerator runs have no baseline stage
+    _, commands = dry_run("train_full_1p.sh", "--device=cuda", tmp_path=tmp_path)
+    assert "RANDOM-INIT" not in commands
+
+
+def test_moby_full_run_on_cpu_evaluates_with_knn(tmp_path, stubs, tiny_imagefolder):
     done = run_script("train_full_1p.sh", "--model=moby", "--device=cpu",
                       f"--data_path={tiny_imagefolder}", tmp_path=tmp_path, **stubs)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Final Performance images/sec : 99.25" in done.stdout
-    assert "Final Train Accuracy : 61.25" in done.stdout
+    assert "Final Train Accuracy : 62.75" in done.stdout
+    assert "Random-init Accuracy : 50.5" in done.stdout
+    _, commands = dry_run("train_full_1p.sh", "--model=moby", "--device=cpu", tmp_path=tmp_path)
+    assert split_launch(commands["EVAL"])[1][0] == "moby/eval_knn.py"
+    assert split_launch(commands["RANDOM-INIT"])[1][0] == "moby/eval_knn.py"
+    assert "--random-init" in commands["RANDOM-INIT"]
+    for command in (commands["EVAL"], commands["RANDOM-INIT"]):  # k-NN on the whole train split
+        assert flag_value(command, "--opts") == "DATA.MAX_TRAIN_IMAGES" and command[-1] == "0"
     case = tmp_path / "output" / "0" / "Transformer-SSL_ID3434_for_PyTorch_bs64_1p_acc.log"
     assert "ActualLoss = 16.2500" in case.read_text()
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from moby.cli import add_pretrain_limits, base_parser, parse_config
+from moby.cli import UPSTREAM_WORKERS, add_pretrain_limits, base_parser, parse_config
 from moby.config import default_config, get_config, save_config
+from ssl_runtime.cpu_layout import plan_workers
 from ssl_runtime.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -21,7 +22,9 @@ def args_for(cfg, opts=None, **extra) -> argparse.Namespace:
 
 def test_defaults_match_upstream():
     c = default_config()
-    assert (c.DATA.BATCH_SIZE, c.DATA.IMG_SIZE, c.DATA.NUM_WORKERS) == (64, 224, 8)
+    assert (c.DATA.BATCH_SIZE, c.DATA.IMG_SIZE) == (64, 224)
+    # NUM_WORKERS -1 (automatic) is upstream's 8 on an accelerator
+    assert plan_workers(c.DATA.NUM_WORKERS, "cuda", UPSTREAM_WORKERS, light_pipeline=False) == 8
     assert c.MODEL.SWIN.DEPTHS == [2, 2, 6, 2] and c.MODEL.SWIN.NUM_HEADS == [3, 6, 12, 24]
     assert c.MODEL.SWIN.NORM_BEFORE_MLP == "ln"
     moby = c.MODEL.MOBY
