@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
+import io
 import signal
 import socket
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,18 @@ import pytest
 from PIL import Image
 
 from ssl_runtime.distributed import single_process_context
+
+
+def run_entry_quietly(entry, argv: list[str]) -> str:
+    """Run a program's main(argv) in this process and return what it printed. DINO's entry points
+    replace builtins.print (only rank 0 prints): it is put back afterwards."""
+    saved, buffer = builtins.print, io.StringIO()
+    try:
+        with redirect_stdout(buffer):
+            entry(argv)
+    finally:
+        builtins.print = saved
+    return buffer.getvalue()
 
 
 def make_imagefolder(root: Path, classes: int = 3, per_class: int = 8, size: int = 32,

@@ -9,12 +9,9 @@ format (argparse Namespace / yacs CfgNode / numpy generator state, timm keys) lo
 from __future__ import annotations
 
 import argparse
-import builtins
-import io
 import logging
 import os
 import pickle
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +33,7 @@ from moby.checkpoint import from_upstream_layout, load_pretrained_encoder, to_up
 from moby.config import config_from_checkpoint
 from moby.model import build_moby
 from ssl_runtime.checkpoint import UntrustedCheckpoint, load_checkpoint, unsafe_globals
+from tests.conftest import run_entry_quietly
 from tests.test_moby_train import CPU_CFG, NAME, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,16 +67,6 @@ def plant(path: Path, marker: Path) -> Path:
 def moby_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--cfg", CPU_CFG, "--data-path", str(data), "--batch-size", "8", "--output", str(out),
             "--tag", "t", "--device", "cpu", *extra, "--opts", *TINY]
-
-
-def quiet(entry, argv: list[str]) -> str:
-    saved, buffer = builtins.print, io.StringIO()  # DINO's entry points wrap print(): undo it
-    try:
-        with redirect_stdout(buffer):
-            entry(argv)
-    finally:
-        builtins.print = saved
-    return buffer.getvalue()
 
 
 def test_the_planted_checkpoint_really_runs_code_when_fully_unpickled(tmp_path):
@@ -156,7 +144,7 @@ def test_planted_checkpoint_is_refused_by_every_entry_point(name, entry, argv, f
     marker = tmp_path / "marker"
     evil = plant(tmp_path / "evil.pth", marker)
     with pytest.raises(SystemExit) as info:
-        quiet(entry, argv(evil, tiny_imagefolder, tmp_path / "out"))
+        run_entry_quietly(entry, argv(evil, tiny_imagefolder, tmp_path / "out"))
     err = capsys.readouterr().err
     assert info.value.code == 2, err
     assert f"holds objects the safe loader does not rebuild ({PLANTED_CALL})" in err and flag in err
@@ -207,7 +195,7 @@ def test_trusted_flag_on_a_safe_file_changes_nothing(tmp_path, capsys):
 def test_previous_dino_format_resumes_only_with_the_trust_flag(tmp_path, tiny_imagefolder, capsys):
     out = tmp_path / "out"
     train = DINO_TRAIN + ["--data_path", str(tiny_imagefolder), "--output_dir", str(out)]
-    quiet(main_dino.main, train + ["--epochs", "1"])
+    run_entry_quietly(main_dino.main, train + ["--epochs", "1"])
     checkpoint = load_checkpoint(out / "checkpoint.pth")  # the new format reads safely
     assert isinstance(checkpoint["args"], dict) and checkpoint["args"]["arch"] == "vit_pico"
     # what earlier versions (and upstream, for `args`) wrote: a Namespace, numpy's generator state
@@ -217,10 +205,10 @@ def test_previous_dino_format_resumes_only_with_the_trust_flag(tmp_path, tiny_im
     capsys.readouterr()
 
     with pytest.raises(SystemExit):
-        quiet(main_dino.main, train + ["--epochs", "2"])
+        run_entry_quietly(main_dino.main, train + ["--epochs", "2"])
     err = capsys.readouterr().err
     assert "argparse.Namespace" in err and "numpy" in err and "--trust_checkpoint" in err
-    text = quiet(main_dino.main, train + ["--epochs", "2", "--trust_checkpoint"])
+    text = run_entry_quietly(main_dino.main, train + ["--epochs", "2", "--trust_checkpoint"])
     assert "reading it with the full unpickler because --trust_checkpoint was given" in text
     assert "resumed student, teacher, optimizer, dino_loss" in text and "Epoch: [1/2]" in text
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 2  # written back in the new format
@@ -256,7 +244,7 @@ def test_previous_moby_format_resumes_only_with_the_trust_flag(tmp_path, tiny_im
     assert resumed["epoch"] == 1 and "encoder.layers.0.downsample.reduction.weight" in resumed["model"]
     # the same old file as --pretrained of an export, trusted
     torch.save(old, tmp_path / "old.pth")
-    quiet(moby_export.main, ["--pretrained", str(tmp_path / "old.pth"), "--trust-checkpoint",
+    run_entry_quietly(moby_export.main, ["--pretrained", str(tmp_path / "old.pth"), "--trust-checkpoint",
                              "--output", str(tmp_path / "x")])
     assert (tmp_path / "x.safetensors").is_file()
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import builtins
 import copy
-import io
 import json
 import sys
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,7 @@ from moby.config import config_from_checkpoint, config_to_dict, get_config
 from moby.model import build_moby
 from ssl_runtime.monitor import TrainingMonitor
 from ssl_runtime.timm_interop import swin_spec, vit_spec
-from tests.conftest import make_imagefolder
+from tests.conftest import make_imagefolder, run_entry_quietly
 
 ROOT = Path(__file__).resolve().parents[1]
 DINO_ARCH = ["--arch", "vit_pico", "--patch_size", "4", "--img_size", "32"]
@@ -50,16 +48,6 @@ def restore_print(monkeypatch):
     monkeypatch.setattr(builtins, "print", builtins.print)
 
 
-def run_quietly(entry, argv: list[str]) -> str:
-    saved, buffer = builtins.print, io.StringIO()
-    try:
-        with redirect_stdout(buffer):
-            entry(argv)
-    finally:
-        builtins.print = saved
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("eco") / "data", classes=3, per_class=8)
@@ -68,14 +56,14 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dino_run(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dino_run")
-    run_quietly(main_dino.main, DINO_TRAIN + ["--data_path", str(data), "--output_dir", str(out)])
+    run_entry_quietly(main_dino.main, DINO_TRAIN + ["--data_path", str(data), "--output_dir", str(out)])
     return out
 
 
 @pytest.fixture(scope="module")
 def moby_run(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("moby_run")
-    run_quietly(main_moby.main, ["--cfg", MOBY_CFG, "--data-path", str(data), "--batch-size", "8",
+    run_entry_quietly(main_moby.main, ["--cfg", MOBY_CFG, "--data-path", str(data), "--batch-size", "8",
                                  "--output", str(out), "--tag", "t", "--device", "cpu", "--epochs", "2",
                                  "--opts", *MOBY_TINY])
     (folder,) = [p.parent for p in out.glob("*/t/checkpoint.pth")]
@@ -157,7 +145,7 @@ def _assert_same_features(ours: torch.nn.Module, theirs: torch.nn.Module, size: 
 
 @pytest.mark.parametrize("key", ["teacher", "student"])
 def test_dino_checkpoint_exports_to_timm(dino_run, tmp_path, key):
-    output = run_quietly(dino_export.main, ["--pretrained_weights", str(dino_run / "checkpoint.pth"),
+    output = run_entry_quietly(dino_export.main, ["--pretrained_weights", str(dino_run / "checkpoint.pth"),
                                            "--checkpoint_key", key, "--output", str(tmp_path / key)])
     assert "timm model: vit_tiny_patch16_224" in output
     ours = build_backbone("vit_pico", 4, 32)
@@ -184,7 +172,7 @@ def test_dino_official_resnet50_exports_to_timm(tmp_path):
             bn.running_var.uniform_(0.5, 2.0)
             bn.weight.uniform_(0.5, 1.5)
     torch.save(reference.state_dict(), tmp_path / "dino_resnet50_pretrain.pth")
-    output = run_quietly(dino_export.main, [
+    output = run_entry_quietly(dino_export.main, [
         "--pretrained_weights", str(tmp_path / "dino_resnet50_pretrain.pth"), "--arch", "resnet50",
         "--img_size", "64", "--formats", "safetensors", "--output", str(tmp_path / "r50")])
     assert "timm model: resnet50" in output
@@ -199,7 +187,7 @@ def _moby_config(cfg: str, *opts: str):
 
 
 def _assert_moby_roundtrip(checkpoint: Path, key: str, out: Path, size: int, expected_name: str) -> None:
-    output = run_quietly(moby_export.main, ["--pretrained", str(checkpoint), "--checkpoint_key", key,
+    output = run_entry_quietly(moby_export.main, ["--pretrained", str(checkpoint), "--checkpoint_key", key,
                                            "--output", str(out)])
     assert f"timm model: {expected_name}" in output
     config = config_from_checkpoint(torch.load(checkpoint, weights_only=True)["config"], str(checkpoint))
@@ -280,11 +268,12 @@ def fashion_mnist() -> Path:
 def test_plot_dino_and_moby_logs(dino_run, moby_run, tmp_path):
     from ssl_runtime import plot_log
 
-    run_quietly(plot_log.main, [str(dino_run / "log.txt"), "--png", str(tmp_path / "dino.png")])
+    run_entry_quietly(plot_log.main, [str(dino_run / "log.txt"), "--png", str(tmp_path / "dino.png")])
     # loss, lr and collapse-signal (teacher entropy, KL) panels, 400 x 320 each
     assert png_size(tmp_path / "dino.png") == (1200, 320)
     # MoBY: the JSON log.txt, and the text log of a run without one (several series in one picture)
-    run_quietly(plot_log.main, [str(moby_run), str(moby_run / "log_rank0.txt"), "--png", str(tmp_path / "m.png")])
+    run_entry_quietly(plot_log.main,
+                      [str(moby_run), str(moby_run / "log_rank0.txt"), "--png", str(tmp_path / "m.png")])
     assert png_size(tmp_path / "m.png") == (1200, 320)  # loss, lr, similarities
     steps = plot_log.read_log(moby_run / "log_rank0.txt")
     assert len(steps) == 6 and steps[1]["epoch"] == pytest.approx(1 / 3)  # PRINT_FREQ 1: every step
@@ -317,7 +306,7 @@ def test_dino_nearest_neighbour_grid_on_fashion_mnist(dino_run, fashion_mnist, t
     from dino import nearest_neighbors
 
     png = tmp_path / "nn.png"
-    output = run_quietly(nearest_neighbors.main, DINO_ARCH + [
+    output = run_entry_quietly(nearest_neighbors.main, DINO_ARCH + [
         "--pretrained_weights", str(dino_run / "checkpoint.pth"), "--device", "cpu", "--num_workers", "0",
         "--max_train_images", "200", "--num_queries", "3", "--k", "4", "--cell", "32", "--png", str(png)])
     # 3 rows of query + 4 neighbours: slot 38, width 4 + 5 * 42 + 8, height 4 + 3 * (38 + 12 + 4)
@@ -329,7 +318,7 @@ def test_moby_nearest_neighbour_grid_on_fashion_mnist(moby_run, fashion_mnist, t
     from moby import nearest_neighbors
 
     png = tmp_path / "nn.png"
-    run_quietly(nearest_neighbors.main, [
+    run_entry_quietly(nearest_neighbors.main, [
         "--cfg", MOBY_CFG, "--pretrained", str(moby_run / "checkpoint.pth"), "--device", "cpu",
         "--num_queries", "2", "--k", "3", "--png", str(png), "--batch-size", "64",
         "--opts", *MOBY_TINY, "DATA.MAX_TRAIN_IMAGES", "100"])
@@ -339,7 +328,7 @@ def test_moby_nearest_neighbour_grid_on_fashion_mnist(moby_run, fashion_mnist, t
 def test_attention_grid_for_a_batch_of_fashion_mnist_images(dino_run, fashion_mnist, tmp_path):
     from dino import visualize_attention
 
-    output = run_quietly(visualize_attention.main, DINO_ARCH + [
+    output = run_entry_quietly(visualize_attention.main, DINO_ARCH + [
         "--pretrained_weights", str(dino_run / "checkpoint.pth"), "--device", "cpu", "--num_images", "4",
         "--image_size", "32", "--cell", "48", "--output_dir", str(tmp_path)])
     # 4 rows of image, mean and 3 heads (vit_pico): slot 54, width 4 + 5 * 58, height 4 + 4 * 70
@@ -350,7 +339,7 @@ def test_attention_grid_for_a_batch_of_fashion_mnist_images(dino_run, fashion_mn
 def test_attention_grid_from_a_folder(dino_run, data, tmp_path):
     from dino import visualize_attention
 
-    run_quietly(visualize_attention.main, DINO_ARCH + [
+    run_entry_quietly(visualize_attention.main, DINO_ARCH + [
         "--pretrained_weights", str(dino_run / "checkpoint.pth"), "--device", "cpu",
         "--image_path", str(data / "val" / "class_0"), "--image_size", "16", "--cell", "16",
         "--output_dir", str(tmp_path)])
