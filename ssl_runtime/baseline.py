@@ -26,9 +26,11 @@ from .report import parse_accuracy
 
 
 def cache_dir() -> Path:
-    """<dataset cache>/../random-init: ~/.cache/ssl_runtime/random-init by default."""
+    """Env SSL_RANDOM_INIT_CACHE, else <dataset cache>/../random-init (~/.cache/ssl_runtime/random-init)."""
     from .fashion_mnist import default_cache_dir
 
+    if os.environ.get("SSL_RANDOM_INIT_CACHE"):
+        return Path(os.environ["SSL_RANDOM_INIT_CACHE"]).expanduser()
     return default_cache_dir().parent / "random-init"
 
 

@@ -19,7 +19,8 @@ SOURCED = ["common.sh", "setup_env.sh", "env_npu.sh"]
 
 
 def script_env(tmp_path: Path, **extra: str) -> dict:
-    env = {**os.environ, "SSL_PYTHON": sys.executable, "SSL_TEST_OUTPUT": str(tmp_path / "output")}
+    env = {**os.environ, "SSL_PYTHON": sys.executable, "SSL_TEST_OUTPUT": str(tmp_path / "output"),
+           "SSL_RANDOM_INIT_CACHE": str(tmp_path / "random-init")}  # never the user's cache
     # variables that choose the device, the output folder or the rendezvous (other tests may set them)
     for name in ("SSL_DEVICE", "ASCEND_DEVICE_ID", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK",
                  "WORLD_SIZE", "LOCAL_RANK", "CANN_SET_ENV", "SSL_NPU_BINARY"):
@@ -289,8 +290,6 @@ def stubs(tmp_path: Path) -> dict:
         path = folder / f"{name.lower()}.py"
         path.write_text(text)
         paths[name] = str(path)
-    # the random-init baseline's cache goes beside a dataset cache in the test's folder
-    paths["SSL_DATA_CACHE"] = str(tmp_path / "cache" / "fashion-mnist")
     paths["STUB_CALLS"] = str(tmp_path / "calls.txt")
     return paths
 
@@ -332,7 +331,7 @@ def test_random_init_baseline_is_measured_once_per_recipe(tmp_path, stubs, tiny_
         assert done.returncode == 0, done.stdout + done.stderr
         assert "Random-init Accuracy : 45.25" in done.stdout
     assert Path(stubs["STUB_CALLS"]).read_text() == "random-init\n"  # the second run used the cache
-    cached = list((tmp_path / "cache" / "random-init").glob("*.json"))
+    cached = list((tmp_path / "random-init").glob("*.json"))  # SSL_RANDOM_INIT_CACHE (script_env)
     assert len(cached) == 1 and '"accuracy": "45.25"' in cached[0].read_text()
     # another recipe (here: another dataset) is measured on its own
     other = tmp_path / "other_data"
@@ -447,3 +446,21 @@ def test_real_full_run_on_a_tiny_dataset(tmp_path, tiny_imagefolder, model):
     assert 0 <= float(case["TrainAccuracy"]) <= 100
     assert float(case["ActualLoss"]) > 0
     assert f"Final Train Accuracy : {case['TrainAccuracy']}" in done.stdout
+
+
+def test_dino_cpu_recipe_follows_the_runs_length(tmp_path):
+    from dino import main_dino
+
+    def pretrain_args(*flags):
+        _, commands = dry_run("train_full_1p.sh", "--device=cpu", *flags, tmp_path=tmp_path)
+        program = split_launch(commands["PRETRAIN"])[1]
+        args = main_dino.get_args_parser().parse_args(program[1:])
+        main_dino.validate_args(args)  # the recipe is one main_dino.py accepts
+        return args
+
+    quick = pretrain_args()  # the quick start: one epoch
+    assert (quick.epochs, quick.max_train_images, quick.freeze_last_layer, quick.warmup_epochs) == (1, 50000, 0, 0)
+    assert quick.momentum_teacher == 0.99 and quick.num_workers == -1  # workers: the CPU layout's choice
+    longer = pretrain_args("--epochs=3")  # the whole split, upstream's freeze and a warm-up epoch
+    assert (longer.epochs, longer.max_train_images, longer.freeze_last_layer, longer.warmup_epochs) == (3, 0, 1, 1)
+    assert longer.momentum_teacher == 0.99

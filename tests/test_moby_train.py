@@ -19,7 +19,7 @@ QUEUE = 32
 TINY = ["MODEL.SWIN.EMBED_DIM", "12", "MODEL.SWIN.DEPTHS", "[1, 1]", "MODEL.SWIN.NUM_HEADS", "[1, 2]",
         "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", str(QUEUE), "DATA.NUM_WORKERS", "0", "PRINT_FREQ", "1",
         "TRAIN.WARMUP_EPOCHS", "1"]
-NAME = "moby__swin_cpu__patch2_window4_32__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2"
+NAME = "moby__swin_cpu__patch2_window4_32__odpr01_tdpr0_cm098_ct02_queue256_proj2_pred2"
 
 
 def pretrain_args(data: Path, out: Path, *extra: str) -> list[str]:
