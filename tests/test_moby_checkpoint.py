@@ -202,8 +202,10 @@ def test_saved_checkpoints_load_into_upstreams_models_strictly(tmp_path):
     exactly the keys, shapes and buffer values of upstream's models (moby_swin_cpu: shifted and
     unshifted windows, a window clamped to the last stage's 4x4 tokens)."""
     expected = UPSTREAM["moby_swin_cpu"]
+    # the fixture was generated with the YAML's earlier queue of 4096 keys (the queues' shapes)
     config = get_config(argparse.Namespace(cfg=str(CONFIGS / "moby_swin_cpu.yaml"), output=str(tmp_path),
-                                           opts=["MODEL.NUM_CLASSES", str(expected["num_classes"])]))
+                                           opts=["MODEL.NUM_CLASSES", str(expected["num_classes"]),
+                                                 "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", "4096"]))
     model = build_moby(config, 4)
     optimizer = build_optimizer(config, model, "cpu")
     save_checkpoint(config, 0, model, 0.0, optimizer, build_scheduler(config, optimizer, 4), NullScaler(), LOG)
