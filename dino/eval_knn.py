@@ -19,15 +19,16 @@ import torch  # noqa: E402
 
 from dino.augment import eval_transform  # noqa: E402
 from dino.checkpoints import add_pretrained_args, build_eval_backbone, model_label  # noqa: E402
+from dino.main_dino import UPSTREAM_WORKERS  # noqa: E402
 from dino.models import canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.checkpoint import load_checkpoint  # noqa: E402
 from ssl_runtime.data import SafeImageFolder, build_loader, resolve_data_path  # noqa: E402
 from ssl_runtime.device import add_device_arg  # noqa: E402
+from ssl_runtime.cpu_layout import AUTO_WORKERS, lay_out  # noqa: E402
 from ssl_runtime.distributed import DistContext, add_launcher_args, barrier, init_distributed  # noqa: E402
 from ssl_runtime.errors import UserError, main_entry  # noqa: E402
 from ssl_runtime.knn import IndexedDataset, extract_features, knn_classify_all, result_line  # noqa: E402
 from ssl_runtime.logs import silence_non_main  # noqa: E402
-from ssl_runtime.cpu_layout import AUTO_WORKERS, plan_workers, set_cpu_threads  # noqa: E402
 from ssl_runtime.misc import bool_flag, fix_random_seeds  # noqa: E402
 
 FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
@@ -108,8 +109,8 @@ def eval_knn(args: argparse.Namespace) -> dict[int, tuple[float, float]]:
     ctx = init_distributed(args.device, args.local_rank, args.dist_url)
     silence_non_main(ctx.is_main)
     fix_random_seeds(0)  # a random-initialisation baseline is then reproducible
-    args.num_workers = plan_workers(args.num_workers, ctx.device_type, 10, light_pipeline=True)
-    layout = set_cpu_threads(ctx.device_type, args.num_workers)
+    args.num_workers, layout = lay_out(args.num_workers, ctx.device_type, UPSTREAM_WORKERS,
+                                       light_pipeline=True)
     print(layout)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 

@@ -33,7 +33,7 @@ from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.augment import use_batched, views_to_device  # noqa: E402
 from ssl_runtime.collapse import CollapseWatch  # noqa: E402
 from ssl_runtime.checkpoint import add_trust_arg, load_first_readable, previous_path, save_atomic  # noqa: E402
-from ssl_runtime.cpu_layout import AUTO_WORKERS, plan_workers, set_cpu_threads  # noqa: E402
+from ssl_runtime.cpu_layout import AUTO_WORKERS, lay_out  # noqa: E402
 from ssl_runtime.data import (SafeImageFolder, build_loader, limit_images, resolve_data_path,  # noqa: E402
                               set_loader_epoch)
 from ssl_runtime.device import add_device_arg, compile_module  # noqa: E402
@@ -464,8 +464,7 @@ def train_dino(args: argparse.Namespace) -> None:
     silence_non_main(ctx.is_main)
     fix_random_seeds(args.seed)
     args.batched_aug = use_batched(args.batched_aug, ctx.device_type)
-    args.num_workers = plan_workers(args.num_workers, ctx.device_type, UPSTREAM_WORKERS, args.batched_aug)
-    layout = set_cpu_threads(ctx.device_type, args.num_workers)
+    args.num_workers, layout = lay_out(args.num_workers, ctx.device_type, UPSTREAM_WORKERS, args.batched_aug)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     print(layout)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)

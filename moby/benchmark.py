@@ -24,9 +24,8 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
-from moby.cli import add_pretrain_limits, base_parser, parse_config  # noqa: E402
+from moby.cli import UPSTREAM_WORKERS, add_pretrain_limits, base_parser, parse_config  # noqa: E402
 from moby.config import set_values  # noqa: E402
-from moby.cli import UPSTREAM_WORKERS  # noqa: E402
 from moby.data import batch_preparer, two_view_dataset  # noqa: E402
 from moby.engine import TrainState, train_step  # noqa: E402
 from moby.main_moby import moby_loss  # noqa: E402

@@ -14,7 +14,7 @@ from yacs.config import CfgNode
 
 from ssl_runtime.augment import use_batched
 from ssl_runtime.checkpoint import add_trust_arg
-from ssl_runtime.cpu_layout import plan_workers, set_cpu_threads
+from ssl_runtime.cpu_layout import lay_out
 from ssl_runtime.device import add_device_arg
 from ssl_runtime.distributed import DistContext, add_launcher_args, init_distributed
 from ssl_runtime.errors import UserError
@@ -89,13 +89,11 @@ def start_run(config: CfgNode, args: argparse.Namespace, pretraining: bool = Fal
     evaluations' transforms are light, so on CPU they load in the main process."""
     ctx = init_distributed(config.DEVICE, args.local_rank, args.dist_url)
     batched = pretraining and use_batched(config.AUG.BATCHED, ctx.device_type)
-    workers = plan_workers(config.DATA.NUM_WORKERS, ctx.device_type, UPSTREAM_WORKERS,
-                           light_pipeline=batched or not pretraining)
+    workers, layout = lay_out(config.DATA.NUM_WORKERS, ctx.device_type, UPSTREAM_WORKERS,
+                              light_pipeline=batched or not pretraining)
     set_values(config, LOCAL_RANK=ctx.local_rank, **{"AUG.BATCHED": batched, "DATA.NUM_WORKERS": workers})
     if ctx.is_main:
-        print(set_cpu_threads(ctx.device_type, workers), flush=True)
-    else:
-        set_cpu_threads(ctx.device_type, workers)
+        print(layout, flush=True)
     seed_everything(config.SEED + ctx.rank)
     return ctx
 

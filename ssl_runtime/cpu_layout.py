@@ -47,6 +47,13 @@ def plan_workers(requested: int, device_kind: str, accelerator_default: int, lig
     return max((usable_cores() if cores is None else cores) // 2, 1)
 
 
+def lay_out(requested: int, device_kind: str, accelerator_default: int, light_pipeline: bool
+            ) -> tuple[int, str]:
+    """plan_workers then set_cpu_threads: (the worker count, the layout's line for the log)."""
+    workers = plan_workers(requested, device_kind, accelerator_default, light_pipeline)
+    return workers, set_cpu_threads(device_kind, workers)
+
+
 def set_cpu_threads(device_kind: str, workers: int, cores: int | None = None) -> str:
     """On CPU give torch the cores the workers leave (unless OMP_NUM_THREADS is set); returns a
     one-line description of the layout for the log."""
