@@ -70,14 +70,6 @@ dino_small_cpu_args() {
 dino_small_cpu_eval_args() {
     echo "--arch vit_pico --patch_size 4 --img_size 32"
 }
-# The random-initialisation baseline of a CPU full run (RANDOM_EVAL_CMD): the run's own k-NN
-# evaluation of the untrained network, measured once per recipe and cached (ssl_runtime.baseline).
-dino_random_init_eval() {
-    # shellcheck disable=SC2206
-    RANDOM_EVAL_CMD=("$DINO_EVAL_KNN" --checkpoint_key teacher --device "$DEVICE" $EVAL_MODEL_ARGS)
-    [[ -n $DATA_PATH ]] && RANDOM_EVAL_CMD+=(--data_path "$DATA_PATH")
-    return 0
-}
 # The evaluation of a full run and of test/eval_*.sh: upstream's k-NN protocol.
 dino_default_eval() {
     echo eval_knn
@@ -116,13 +108,6 @@ moby_default_eval() {
 }
 moby_knn_eval_args() {  # the whole train split, whatever subset pretraining used
     echo "--opts DATA.MAX_TRAIN_IMAGES 0"
-}
-moby_random_init_eval() {
-    # shellcheck disable=SC2046
-    RANDOM_EVAL_CMD=("$MOBY_EVAL_KNN" --cfg "$CFG" --output "$RUN_DIR" --tag random_init --random-init
-        --device "$DEVICE" $(moby_knn_eval_args))
-    [[ -n $DATA_PATH ]] && RANDOM_EVAL_CMD+=(--data-path "$DATA_PATH")
-    return 0
 }
 # The linear-evaluation config of a pretraining config: foo.yaml -> foo_linear.yaml when it exists.
 moby_linear_cfg() {
@@ -501,8 +486,24 @@ ssl_build_commands() {
         if [[ $MODEL == dino ]]; then EVAL_CMD+=(--trust_checkpoint); else EVAL_CMD+=(--trust-checkpoint); fi
     fi
     RANDOM_EVAL_CMD=()
-    if [[ $mode == full && $DEVICE == cpu ]]; then "${MODEL}_random_init_eval"; fi
+    if [[ $mode == full && $DEVICE == cpu ]]; then ssl_random_init_command; fi
     return 0
+}
+
+# The random-initialisation baseline of a CPU full run (RANDOM_EVAL_CMD): the run's own k-NN
+# command (EVAL_CMD) without its weights, so it is the same evaluation of the untrained network;
+# measured once per recipe and cached (ssl_runtime.baseline). Its own --tag keeps MoBY's logs apart.
+ssl_random_init_command() {
+    local i
+    RANDOM_EVAL_CMD=("${EVAL_CMD[0]}")
+    [[ $MODEL == moby ]] && RANDOM_EVAL_CMD+=(--random-init)  # DINO: no weights means random init
+    for ((i = 1; i < ${#EVAL_CMD[@]}; i++)); do
+        case ${EVAL_CMD[$i]} in
+            --pretrained_weights|--pretrained) ((i++)) ;;
+            --tag) RANDOM_EVAL_CMD+=(--tag random_init); ((i++)) ;;
+            *) RANDOM_EVAL_CMD+=("${EVAL_CMD[$i]}") ;;
+        esac
+    done
 }
 
 ssl_print_settings() {
