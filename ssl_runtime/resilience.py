@@ -52,7 +52,9 @@ class PerSampleSeeded(Dataset):
     """Draws the augmentations of item (epoch, index) from generators seeded by (seed, epoch, index).
 
     In the main process (num_workers 0) the global generators are restored afterwards, so the
-    model's randomness does not depend on data loading either.
+    model's randomness does not depend on data loading either. The loader fetches a whole batch
+    through __getitems__, which saves and restores them once per batch: numpy's state alone costs
+    about 0.1 ms to save and restore, as much as the augmentation of a small image.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
@@ -67,26 +69,36 @@ class PerSampleSeeded(Dataset):
         return getattr(self.dataset, name)  # classes, samples, ... of the wrapped dataset
 
     def __getitem__(self, key):
+        with _global_generators_kept():
+            return self._seeded_item(key)
+
+    def __getitems__(self, keys: list) -> list:
+        with _global_generators_kept():
+            return [self._seeded_item(key) for key in keys]
+
+    def _seeded_item(self, key):
         epoch, index = key
-        with _seeded(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]):
-            return self.dataset[index]
+        seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: transforms run there
+        return self.dataset[index]
 
 
 @contextmanager
-def _seeded(seed: int):
-    in_main = get_worker_info() is None
-    if in_main:
-        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    random.seed(int(seed))
-    np.random.seed(int(seed))
-    torch.default_generator.manual_seed(int(seed))  # the CPU generator only: transforms run there
+def _global_generators_kept():
+    """In the main process, put Python's, numpy's and torch's CPU generators back as they were
+    (a data worker's generators are its own)."""
+    if get_worker_info() is not None:
+        yield
+        return
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     try:
         yield
     finally:
-        if in_main:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 def skip_batches(loader, batches: int) -> None:
