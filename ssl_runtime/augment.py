@@ -338,25 +338,23 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- PIL's Gaussian blur
 
-def box_radius(sigma: float, passes: int = BOX_PASSES) -> float:
-    """The fractional box radius PIL uses for a Gaussian of this standard deviation (the
-    extended box blur of Gwosdek et al.), in the float32 arithmetic of its C code."""
+def box_taps(radii: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per radius of PIL's GaussianBlur: (integer box radius r, weight of the 2r+1 inner taps,
+    weight of the two outer taps), the weights in units of 2**-24. The box radius is the extended
+    box blur's (Gwosdek et al.) for BOX_PASSES passes, the weights ImagingHorizontalBoxBlur's,
+    both in the float32 arithmetic of PIL's C code (numpy's float32 arrays round every operation
+    as C's floats do)."""
     f32 = np.float32
-    sigma2 = f32(f32(sigma) * f32(sigma)) / f32(passes)
-    length = f32(math.sqrt(12.0 * float(sigma2) + 1.0))
-    whole = f32(math.floor((float(length) - 1.0) / 2.0))
-    frac = f32(f32(2) * whole + f32(1)) * f32(whole * f32(whole + f32(1)) - f32(3) * sigma2)
-    frac = f32(frac / (f32(6) * f32(sigma2 - f32(whole + f32(1)) * f32(whole + f32(1)))))
-    return float(f32(whole + frac))
-
-
-def box_weights(radius: float) -> tuple[int, int, int]:
-    """(integer radius r, weight of the 2r+1 inner taps, weight of the two outer taps), in units
-    of 2**-24, as PIL's ImagingHorizontalBoxBlur computes them."""
-    whole = int(radius)
-    inner = int(np.float32(1 << 24) / (np.float32(radius) * np.float32(2) + np.float32(1)))
-    outer = ((1 << 24) - (whole * 2 + 1) * inner) // 2
-    return whole, inner, outer
+    sigma = np.asarray(radii, dtype=f32)
+    sigma2 = sigma * sigma / f32(BOX_PASSES)
+    length = np.sqrt(12.0 * sigma2.astype(np.float64) + 1.0).astype(f32)  # C: sqrt() in double
+    whole = np.floor((length.astype(np.float64) - 1.0) / 2.0).astype(f32)
+    frac = (f32(2) * whole + f32(1)) * (whole * (whole + f32(1)) - f32(3) * sigma2)
+    radius = whole + frac / (f32(6) * (sigma2 - (whole + f32(1)) * (whole + f32(1))))
+    reach = radius.astype(np.int64)  # C's (int) truncation; radii are positive
+    inner = (f32(1 << 24) / (radius * f32(2) + f32(1))).astype(np.int64)
+    outer = ((1 << 24) - (reach * 2 + 1) * inner) // 2
+    return reach, inner, outer
 
 
 def gaussian_blur(x: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
@@ -364,13 +362,11 @@ def gaussian_blur(x: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
     each rounding to 8 bits, with edge pixels repeated. The weights are PIL's integers times
     2**-24, so in double precision every product and sum is exact, as in PIL's integer code."""
     wide = devices.exact_float_dtype(devices.device_kind(x.device))
-    taps = [box_weights(box_radius(radius)) for radius in radii.tolist()]
-    reach = max(whole for whole, _, _ in taps) + 1
-    kernel = torch.zeros(len(taps), 2 * reach + 1, dtype=torch.float64)
-    for row, (whole, inner, outer) in enumerate(taps):
-        kernel[row, reach - whole:reach + whole + 1] = inner
-        kernel[row, reach - whole - 1] = kernel[row, reach + whole + 1] = outer
-    kernel = (kernel * 2.0 ** -24).to(x.device, wide, non_blocking=True)
+    whole, inner, outer = (column[:, None] for column in box_taps(radii.cpu().numpy()))
+    reach = int(whole.max()) + 1
+    distance = np.abs(np.arange(-reach, reach + 1))[None, :]
+    kernel = np.where(distance <= whole, inner, np.where(distance == whole + 1, outer, 0)) * 2.0 ** -24
+    kernel = torch.from_numpy(kernel).to(x.device, wide, non_blocking=True)
     kernel = [kernel[:, k].view(-1, 1, 1, 1) for k in range(2 * reach + 1)]
     values = x.to(wide)
     for dim in (3, 2):  # width first, as PIL
