@@ -26,7 +26,7 @@ from moby.checkpoint import load_pretrained_encoder  # noqa: E402
 from moby.cli import base_parser, open_output, parse_config, start_run  # noqa: E402
 from moby.config import set_values  # noqa: E402
 from moby.data import BICUBIC, build_labelled_datasets, dataset_root, eval_transform  # noqa: E402
-from ssl_runtime.distributed import DistContext, shutdown  # noqa: E402
+from ssl_runtime.distributed import DistContext  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
 from ssl_runtime.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, evaluate_knn, result_line  # noqa: E402
 from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
@@ -81,16 +81,13 @@ def main(argv: list[str] | None = None) -> None:
         pretrained = None
     set_values(config, OUTPUT=os.path.join(config.OUTPUT, "knn"))
     ctx = start_run(config, args)
-    try:
-        logger = open_output(config, ctx)
-        encoder = load_encoder(config, pretrained, args.checkpoint_key, logger).to(ctx.device)
-        results = knn_on_encoder(config, encoder, ctx, logger, ks=args.nb_knn, temperature=args.temperature)
-        monitor = TrainingMonitor(Path(config.OUTPUT) / TENSORBOARD_DIR, ctx.is_main,
-                                  enabled=config.TENSORBOARD, log=logger.info)
-        monitor.scalars(0, "knn", {f"top1_k{k}": top1 for k, (top1, _) in results.items()})
-        monitor.close()
-    finally:
-        shutdown()
+    logger = open_output(config, ctx)
+    encoder = load_encoder(config, pretrained, args.checkpoint_key, logger).to(ctx.device)
+    results = knn_on_encoder(config, encoder, ctx, logger, ks=args.nb_knn, temperature=args.temperature)
+    monitor = TrainingMonitor(Path(config.OUTPUT) / TENSORBOARD_DIR, ctx.is_main,
+                              enabled=config.TENSORBOARD, log=logger.info)
+    monitor.scalars(0, "knn", {f"top1_k{k}": top1 for k, (top1, _) in results.items()})
+    monitor.close()
 
 
 if __name__ == "__main__":

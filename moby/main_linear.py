@@ -37,7 +37,7 @@ from moby.optimization import build_optimizer, build_scheduler, scale_learning_r
 from ssl_runtime import device as devices  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.data import build_loader, set_loader_epoch  # noqa: E402
-from ssl_runtime.distributed import DistContext, all_reduce_sum_, shutdown, wrap_ddp  # noqa: E402
+from ssl_runtime.distributed import DistContext, all_reduce_sum_, wrap_ddp  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
 from ssl_runtime.meters import AverageMeter, ThroughputMeter  # noqa: E402
 from ssl_runtime.timm_interop import classifier_parameters, create_timm_baseline, timm_model_name  # noqa: E402
@@ -200,12 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     args, config = parse_config(parser, argv)
     linear_config(config, args)
     ctx = start_run(config, args)
-    try:
-        scale_learning_rates(config, ctx.world_size)
-        logger = open_output(config, ctx)
-        linear_eval(config, ctx, logger)
-    finally:
-        shutdown()
+    scale_learning_rates(config, ctx.world_size)
+    logger = open_output(config, ctx)
+    linear_eval(config, ctx, logger)
 
 
 if __name__ == "__main__":

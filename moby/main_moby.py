@@ -33,7 +33,7 @@ from moby.monitoring import attach_monitor, collapse_watch, log_epoch, momentum_
 from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates  # noqa: E402
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.data import build_loader, set_loader_epoch  # noqa: E402
-from ssl_runtime.distributed import DistContext, convert_sync_batchnorm, shutdown, wrap_ddp  # noqa: E402
+from ssl_runtime.distributed import DistContext, convert_sync_batchnorm, wrap_ddp  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
 from ssl_runtime.knn import KnnProbe  # noqa: E402
 from ssl_runtime.meters import ThroughputMeter  # noqa: E402
@@ -158,13 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     add_pretrain_limits(parser)
     args, config = parse_config(parser, argv)
     ctx = start_run(config, args, pretraining=True)
-    try:
-        check_queue_size(config, ctx.world_size)
-        scale_learning_rates(config, ctx.world_size)
-        logger = open_output(config, ctx)
-        pretrain(config, ctx, logger)
-    finally:
-        shutdown()
+    check_queue_size(config, ctx.world_size)
+    scale_learning_rates(config, ctx.world_size)
+    logger = open_output(config, ctx)
+    pretrain(config, ctx, logger)
 
 
 if __name__ == "__main__":

@@ -110,9 +110,9 @@ def init_distributed(device_request: str | None = "auto", local_rank: int = -1,
                             "(e.g. torchrun --nproc_per_node=8 ...) or set MASTER_ADDR/MASTER_PORT")
         dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size,
                                 rank=rank, timeout=process_group_timeout())
-        dist.barrier()
-    devices.set_fast_math(kind)
     _set_collective_device(device)
+    barrier()
+    devices.set_fast_math(kind)
     return DistContext(rank, world_size, local, device, kind, backend, distributed)
 
 
@@ -139,8 +139,11 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here. An all-reduce of one float32 on the training device, not
+    dist.barrier(): that one guesses its device from the process's accelerator (which a stand-in
+    torch_npu, or a CUDA rank bound late, gets wrong) and skips the collective-tensor rule."""
     if is_dist():
-        dist.barrier()
+        all_reduce_sum_(torch.zeros(1, device=collective_device()))
 
 
 # ---------------------------------------------------------------- collectives
@@ -272,9 +275,18 @@ def convert_sync_batchnorm(module: torch.nn.Module, ctx: DistContext) -> torch.n
     return module
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Destroy the process group (all of its groups) while the interpreter is still whole.
+
+    Left to interpreter exit, gloo's teardown aborts the process about one run in four on torch
+    2.14 ("terminate called without an active exception", exit -6), failing a job that finished
+    its work; NCCL warns that the group leaked. `wait_for_peers` (the end of a successful run)
+    first waits at a barrier, so no rank closes its connections while another still uses them.
+    """
     global _host_group
     if is_dist():
+        if wait_for_peers:
+            barrier()
         dist.destroy_process_group()
     _host_group = None
     _set_collective_device(torch.device("cpu"))

@@ -24,12 +24,18 @@ def main_entry(fn: Callable[..., T]) -> Callable[..., T]:
     In a multi-process job the line names the rank (`error: [rank 1] ...`), any other exception
     is reported the same way after its traceback, and the process exits at once: its peers then
     see their collectives fail (instead of waiting for the process-group timeout) and stop too.
+    An entry point that returns leaves its process group: a barrier, then the group destroyed.
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _leave_process_group(wait_for_peers=True)
+            return result
+        except SystemExit:  # a deliberate stop (SIGTERM: 143): every rank stops at the same step
+            _leave_process_group(wait_for_peers=False)
+            raise
         except UserError as exc:
             _report(f"error: {rank_tag()}{user_message(exc)}", EXIT_USER_ERROR)
         except Exception as exc:  # noqa: BLE001 - only re-labelled in multi-process jobs
@@ -41,6 +47,13 @@ def main_entry(fn: Callable[..., T]) -> Callable[..., T]:
                     "rank failed first, its own 'error: [rank N]' line gives the cause)", EXIT_CRASH)
 
     return wrapper
+
+
+def _leave_process_group(wait_for_peers: bool) -> None:
+    """An entry point that ends leaves its process group itself: see distributed.shutdown."""
+    from ssl_runtime import distributed
+
+    distributed.shutdown(wait_for_peers)
 
 
 def _report(line: str, code: int) -> None:

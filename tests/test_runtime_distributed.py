@@ -7,7 +7,11 @@ import os
 import torch
 import torch.multiprocessing as mp
 
+import torch.distributed as dist
+
 from ssl_runtime import distributed as dist_utils
+from ssl_runtime.errors import main_entry
+from ssl_runtime.resilience import Interrupted
 from conftest import free_port
 
 
@@ -44,7 +48,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     model(torch.tensor([[float(rank + 1)]])).sum().backward()
     results["ddp_grad"] = model.module.weight.grad.item()  # DDP averages: (1 + 2) / 2
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist_utils.shutdown()
+    dist_utils.shutdown(wait_for_peers=True)
 
 
 def test_collectives_in_a_real_two_process_gloo_group(tmp_path):
@@ -58,3 +62,36 @@ def test_collectives_in_a_real_two_process_gloo_group(tmp_path):
         assert r["uneven"] == [0.0, 10.0, 11.0]
         assert r["objects"] == ["r0", "r1"]
         assert r["ddp_grad"] == 1.5
+
+
+def _entry_point_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+    @main_entry
+    def finishes():
+        dist_utils.init_distributed("cpu")
+        return dist.get_world_size()
+
+    @main_entry
+    def interrupted():
+        dist_utils.init_distributed("cpu")
+        raise Interrupted()  # what a SIGTERM agreed on by every rank ends in
+
+    seen = {"returned": finishes(), "alive_after_return": dist.is_initialized()}
+    try:
+        interrupted()
+    except SystemExit as stop:
+        seen["exit_code"] = stop.code
+    seen["alive_after_stop"] = dist.is_initialized()
+    torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_an_entry_point_leaves_its_process_group_before_interpreter_exit(tmp_path):
+    """Left to interpreter exit, gloo's teardown aborts about one 2-process run in four (SIGABRT),
+    so a finished or SIGTERM-stopped entry point destroys the group itself."""
+    mp.spawn(_entry_point_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == {
+            "returned": 2, "alive_after_return": False, "exit_code": 143, "alive_after_stop": False}
