@@ -141,9 +141,11 @@ def is_main_process() -> bool:
 def barrier() -> None:
     """Wait until every rank gets here. An all-reduce of one float32 on the training device, not
     dist.barrier(): that one guesses its device from the process's accelerator (which a stand-in
-    torch_npu, or a CUDA rank bound late, gets wrong) and skips the collective-tensor rule."""
+    torch_npu, or a CUDA rank bound late, gets wrong) and skips the collective-tensor rule.
+    Reading the result waits for it on the host: NCCL/HCCL only queue the all-reduce on a stream,
+    and a group destroyed behind a queued collective would abort it."""
     if is_dist():
-        all_reduce_sum_(torch.zeros(1, device=collective_device()))
+        all_reduce_sum_(torch.zeros(1, device=collective_device())).item()
 
 
 # ---------------------------------------------------------------- collectives

@@ -33,7 +33,7 @@ def main_entry(fn: Callable[..., T]) -> Callable[..., T]:
             result = fn(*args, **kwargs)
             _leave_process_group(wait_for_peers=True)
             return result
-        except SystemExit:  # a deliberate stop (SIGTERM: 143): every rank stops at the same step
+        except SystemExit:  # a deliberate stop (SIGTERM: 143, a NaN loss): no barrier, peers may be gone
             _leave_process_group(wait_for_peers=False)
             raise
         except UserError as exc:

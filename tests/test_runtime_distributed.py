@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.multiprocessing as mp
-
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from ssl_runtime import distributed as dist_utils
 from ssl_runtime.errors import main_entry
