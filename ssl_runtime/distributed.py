@@ -277,18 +277,16 @@ def convert_sync_batchnorm(module: torch.nn.Module, ctx: DistContext) -> torch.n
     return module
 
 
-def shutdown(wait_for_peers: bool = False) -> None:
+def shutdown() -> None:
     """Destroy the process group (all of its groups) while the interpreter is still whole.
 
     Left to interpreter exit, gloo's teardown aborts the process about one run in four on torch
     2.14 ("terminate called without an active exception", exit -6), failing a job that finished
-    its work; NCCL warns that the group leaked. `wait_for_peers` (the end of a successful run)
-    first waits at a barrier, so no rank closes its connections while another still uses them.
+    its work; NCCL warns that the group leaked. No barrier first: on torch 2.1's gloo a destroy
+    right after a barrier sometimes hung on rank 0 once its peer had exited.
     """
     global _host_group
     if is_dist():
-        if wait_for_peers:
-            barrier()
         dist.destroy_process_group()
     _host_group = None
     _set_collective_device(torch.device("cpu"))

@@ -24,17 +24,17 @@ def main_entry(fn: Callable[..., T]) -> Callable[..., T]:
     In a multi-process job the line names the rank (`error: [rank 1] ...`), any other exception
     is reported the same way after its traceback, and the process exits at once: its peers then
     see their collectives fail (instead of waiting for the process-group timeout) and stop too.
-    An entry point that returns leaves its process group: a barrier, then the group destroyed.
+    An entry point that ends (returns, or stops with SystemExit) destroys its process group.
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             result = fn(*args, **kwargs)
-            _leave_process_group(wait_for_peers=True)
+            _leave_process_group()
             return result
-        except SystemExit:  # a deliberate stop (SIGTERM: 143, a NaN loss): no barrier, peers may be gone
-            _leave_process_group(wait_for_peers=False)
+        except SystemExit:  # a deliberate stop (SIGTERM: 143, a NaN loss)
+            _leave_process_group()
             raise
         except UserError as exc:
             _report(f"error: {rank_tag()}{user_message(exc)}", EXIT_USER_ERROR)
@@ -49,11 +49,11 @@ def main_entry(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def _leave_process_group(wait_for_peers: bool) -> None:
+def _leave_process_group() -> None:
     """An entry point that ends leaves its process group itself: see distributed.shutdown."""
     from ssl_runtime import distributed
 
-    distributed.shutdown(wait_for_peers)
+    distributed.shutdown()
 
 
 def _report(line: str, code: int) -> None:
