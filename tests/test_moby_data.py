@@ -29,10 +29,11 @@ def applied(pipeline, kind):
 
 
 def test_two_views_follow_upstream_recipe():
-    view1, view2 = ssl_transforms(cpu_config())
+    view1, view2 = ssl_transforms(get_config(argparse.Namespace(
+        cfg=str(CONFIGS / "moby_swin_tiny.yaml"), opts=[], data_path="")))
     for view in (view1, view2):
         crop = view.transforms[0]
-        assert isinstance(crop, transforms.RandomResizedCrop) and crop.size == (32, 32)
+        assert isinstance(crop, transforms.RandomResizedCrop) and crop.size == (224, 224)
         assert crop.scale == (0.08, 1.0)
         jitter = [s for s in view.transforms if isinstance(s, transforms.RandomApply)
                   and isinstance(s.transforms[0], transforms.ColorJitter)][0]
@@ -40,6 +41,11 @@ def test_two_views_follow_upstream_recipe():
         assert [s.p for s in view.transforms if isinstance(s, transforms.RandomGrayscale)] == [0.2]
     assert applied(view1, RandomGaussianBlur) == [1.0] and applied(view1, Solarize) == []
     assert applied(view2, RandomGaussianBlur) == [0.1] and applied(view2, Solarize) == [0.2]
+
+
+def test_cpu_recipe_crops_at_least_half_of_a_32_pixel_image():
+    crops = [view.transforms[0] for view in ssl_transforms(cpu_config())]
+    assert [(c.size, c.scale) for c in crops] == [((32, 32), (0.5, 1.0))] * 2
 
 
 def test_solarize_and_blur():
