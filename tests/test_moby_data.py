@@ -12,7 +12,7 @@ from torchvision import transforms
 
 from moby.config import get_config
 from moby.data import (RandomGaussianBlur, Solarize, build_labelled_datasets, build_pretrain_dataset,
-                       eval_transform, linear_train_transform, ssl_transforms)
+                       eval_transform, linear_train_transform, moby_view_specs, ssl_transforms)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -46,6 +46,8 @@ def test_two_views_follow_upstream_recipe():
 def test_cpu_recipe_crops_at_least_half_of_a_32_pixel_image():
     crops = [view.transforms[0] for view in ssl_transforms(cpu_config())]
     assert [(c.size, c.scale) for c in crops] == [((32, 32), (0.5, 1.0))] * 2
+    # the batched pipeline, which CPU runs use by default
+    assert [(v.size, v.scale) for v in moby_view_specs(cpu_config())] == [(32, (0.5, 1.0))] * 2
 
 
 def test_solarize_and_blur():
