@@ -17,9 +17,12 @@ from moby.data import (RandomGaussianBlur, Solarize, build_labelled_datasets, bu
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def shipped_config(name: str, data: Path | str = "", *opts):
+    return get_config(argparse.Namespace(cfg=str(CONFIGS / name), opts=list(opts), data_path=str(data)))
+
+
 def cpu_config(data: Path | str = "", *opts):
-    return get_config(argparse.Namespace(cfg=str(CONFIGS / "moby_swin_cpu.yaml"), opts=list(opts),
-                                         data_path=str(data)))
+    return shipped_config("moby_swin_cpu.yaml", data, *opts)
 
 
 def applied(pipeline, kind):
@@ -29,8 +32,7 @@ def applied(pipeline, kind):
 
 
 def test_two_views_follow_upstream_recipe():
-    view1, view2 = ssl_transforms(get_config(argparse.Namespace(
-        cfg=str(CONFIGS / "moby_swin_tiny.yaml"), opts=[], data_path="")))
+    view1, view2 = ssl_transforms(shipped_config("moby_swin_tiny.yaml"))
     for view in (view1, view2):
         crop = view.transforms[0]
         assert isinstance(crop, transforms.RandomResizedCrop) and crop.size == (224, 224)
