@@ -15,14 +15,19 @@ int32, so no reduction depends on a backend's 64-bit support. A tensor that brea
 the run here with a message saying so, on every backend.
 The one deliberate exception is any_rank_true: a separate gloo group on the host (CPU int32), so
 that asking about SIGTERM never waits behind the accelerator's queue.
+
+Every tensor handed to a collective also stays referenced here for a while after the call (see
+_hand_over): on torch < 2.8 that is what lets shutdown() destroy the group without hanging.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +168,27 @@ def collective_device() -> torch.device:
     return _collective_device
 
 
+# (time handed over, what was handed over), oldest first; see _hand_over.
+_handed_over: collections.deque = collections.deque()
+HOLD_SECONDS = 30.0
+
+
+def _hand_over(tensors):
+    """`tensors` (a tensor or a list of them), kept referenced for HOLD_SECONDS (or until shutdown).
+
+    A backend finishes with a collective's tensors on its own thread after the call returns
+    (gloo's worker, NCCL's and HCCL's watchdog, which only polls). When Python dropped a tensor
+    first, torch hands its Python object over to C++, and that thread then needs the GIL to free
+    it. torch < 2.8 destroys a process group while holding the GIL and joins those threads: the
+    job hung at exit (seen on torch 2.1 gloo: a rank waited for ever in destroy_process_group).
+    Held here, the last Python reference drops on the main thread, after the backend let go."""
+    now = time.monotonic()
+    while _handed_over and now - _handed_over[0][0] > HOLD_SECONDS:
+        _handed_over.popleft()
+    _handed_over.append((now, tensors))
+    return tensors
+
+
 def check_collective_tensor(tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """The tensor itself when NCCL/HCCL would take it (see the module docstring); else a
     RuntimeError naming the rule, instead of an error from inside the backend (or none on gloo)."""
@@ -180,14 +206,14 @@ def check_collective_tensor(tensor: torch.Tensor, device: torch.device | None = 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place; identity at world size 1."""
     if is_dist():
-        dist.all_reduce(check_collective_tensor(tensor), op=dist.ReduceOp.SUM)
+        dist.all_reduce(_hand_over(check_collective_tensor(tensor)), op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     """Average over ranks in place; identity at world size 1."""
     if is_dist():
-        dist.all_reduce(check_collective_tensor(tensor), op=dist.ReduceOp.SUM)
+        dist.all_reduce(_hand_over(check_collective_tensor(tensor)), op=dist.ReduceOp.SUM)
         tensor.div_(dist.get_world_size())
     return tensor
 
@@ -207,7 +233,7 @@ def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return tensor
     tensor = check_collective_tensor(tensor.contiguous())
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor)
+    dist.all_gather(_hand_over(parts), _hand_over(tensor))
     return torch.cat(parts, dim=dim)
 
 
@@ -241,13 +267,14 @@ def any_rank_true(flag: bool) -> bool:
         gloo = "gloo"
         _host_group = dist.group.WORLD if dist.get_backend() == gloo else dist.new_group(backend=gloo)
     value = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group)
+    dist.all_reduce(_hand_over(value), op=dist.ReduceOp.MAX, group=_host_group)
     return bool(value.item())
 
 
 def all_gather_object(obj) -> list:
     """torch's all_gather_object (pickled bytes as uint8, their lengths as int64, on the device
-    torch picks for the backend: NCCL and HCCL carry both); for tools and tests."""
+    torch picks for the backend: NCCL and HCCL carry both); for tools and tests: its tensors are
+    torch's own, so _hand_over cannot hold them."""
     if not is_dist():
         return [obj]
     out = [None] * dist.get_world_size()
@@ -282,11 +309,12 @@ def shutdown() -> None:
 
     Left to interpreter exit, gloo's teardown aborts the process about one run in four on torch
     2.14 ("terminate called without an active exception", exit -6), failing a job that finished
-    its work; NCCL warns that the group leaked. No barrier first: on torch 2.1's gloo a destroy
-    right after a barrier sometimes hung on rank 0 once its peer had exited.
+    its work; NCCL warns that the group leaked. The tensors of recent collectives are released
+    only after the destroy (see _hand_over).
     """
     global _host_group
     if is_dist():
         dist.destroy_process_group()
     _host_group = None
+    _handed_over.clear()
     _set_collective_device(torch.device("cpu"))
