@@ -213,8 +213,7 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     """Average over ranks in place; identity at world size 1."""
     if is_dist():
-        dist.all_reduce(_hand_over(check_collective_tensor(tensor)), op=dist.ReduceOp.SUM)
-        tensor.div_(dist.get_world_size())
+        all_reduce_sum_(tensor).div_(dist.get_world_size())
     return tensor
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,11 +12,23 @@ from typing import Callable
 
 import torch
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+
+
+def start_ranks(cmd: list[str], world: int = 2, **extra: str) -> list[subprocess.Popen]:
+    """`world` processes of cmd joining one process group on the loopback address (as torchrun's
+    workers would), their output piped."""
+    port = str(free_port())
+    return [subprocess.Popen(cmd, env=dict(env(), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            for rank in range(world)]
 
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:

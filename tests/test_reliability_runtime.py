@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import free_port, make_imagefolder
+from conftest import make_imagefolder
 from ssl_runtime import distributed as dist_utils
 from ssl_runtime.checkpoint import load_first_readable, previous_path, save_atomic
 from ssl_runtime.compat import grad_scaler
 from ssl_runtime.errors import UserError
 from ssl_runtime.resilience import Interrupted, StepCheckpointer, StepHealth, StopSignal
-from tests.reliability_helpers import ROOT, env
+from tests.reliability_helpers import ROOT, start_ranks
 
 
 # ---------------------------------------------------------------- 5. fp16 overflow
@@ -161,13 +160,7 @@ def test_a_failing_rank_stops_the_whole_job_and_is_named(tmp_path, method):
                 "DATA.NUM_WORKERS", "0"]
     script = tmp_path / "failing_rank.py"
     script.write_text(FAILING_RANK.format(root=str(ROOT)))
-    port = str(free_port())
-    procs = []
-    for rank in (0, 1):
-        rank_env = dict(env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=port, SSL_DIST_TIMEOUT_MIN="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), method, *argv], env=rank_env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = start_ranks([sys.executable, str(script), method, *argv], SSL_DIST_TIMEOUT_MIN="1")
     start = time.time()
     results = [proc.communicate(timeout=180) for proc in procs]
     elapsed = time.time() - start

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from ssl_runtime import distributed as dist_utils
 from ssl_runtime.errors import main_entry
 from ssl_runtime.resilience import Interrupted
 from conftest import free_port
+from tests.reliability_helpers import start_ranks
 
 
 def test_helpers_are_identities_at_world_size_one():
@@ -106,9 +106,8 @@ def test_an_entry_point_leaves_its_process_group_before_interpreter_exit(tmp_pat
 # all-reduce that rank 1 joins 2 s later. On torch < 2.8 the destroy held the GIL while joining
 # the worker, which needed the GIL to free the dropped tensor: rank 0 hung for ever.
 LATE_RELEASE_RANK = """
-import os, sys, time, weakref
+import os, time, weakref
 import torch, torch.distributed as dist
-sys.path.insert(0, os.getcwd())
 from ssl_runtime import distributed
 torch.set_num_threads(1)
 rank = int(os.environ["RANK"])
@@ -138,14 +137,9 @@ print(seen, flush=True)
 def test_shutdown_does_not_hang_on_a_collective_the_backend_still_holds(tmp_path):
     script = tmp_path / "late_release_rank.py"
     script.write_text(LATE_RELEASE_RANK)
-    port = str(free_port())
-    ranks = [subprocess.Popen([sys.executable, str(script)], cwd=Path(__file__).parents[1],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"})
-             for rank in (0, 1)]
+    ranks = start_ranks([sys.executable, str(script)])
     try:
-        outs = [rank.communicate(timeout=120)[0] for rank in ranks]
+        outs = ["".join(rank.communicate(timeout=120)) for rank in ranks]
     except subprocess.TimeoutExpired:
         for rank in ranks:
             rank.kill()
