@@ -26,7 +26,8 @@ from dino.augment import eval_transform, normalize_transform  # noqa: E402
 from dino.checkpoints import add_pretrained_args, build_eval_backbone, model_label  # noqa: E402
 from dino.models import backbone_is_vit, canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, save_atomic, strip_prefixes  # noqa: E402
-from ssl_runtime.data import SafeImageFolder, build_loader, resolve_data_path, set_loader_epoch  # noqa: E402
+from ssl_runtime.data import (SafeImageFolder, build_loader, check_same_classes, resolve_data_path,  # noqa: E402
+                              set_loader_epoch)
 from ssl_runtime.device import add_device_arg  # noqa: E402
 from ssl_runtime.distributed import DistContext, add_launcher_args, all_reduce_sum_, init_distributed, wrap_ddp  # noqa: E402
 from ssl_runtime.errors import UserError, main_entry  # noqa: E402
@@ -184,6 +185,7 @@ def build_data(args, ctx: DistContext):
     ])
     dataset_train = SafeImageFolder(root / "train", transform=train_transform)
     dataset_val = SafeImageFolder(root / "val", transform=eval_transform(args.img_size))
+    check_same_classes(dataset_train, dataset_val)
     num_classes = len(dataset_train.classes)
     if num_classes > args.num_labels:
         raise UserError(f"the dataset has {num_classes} classes but --num_labels is {args.num_labels}: "

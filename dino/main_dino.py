@@ -34,8 +34,8 @@ from ssl_runtime.augment import use_batched, views_to_device  # noqa: E402
 from ssl_runtime.collapse import CollapseWatch  # noqa: E402
 from ssl_runtime.checkpoint import add_trust_arg, load_first_readable, previous_path, save_atomic  # noqa: E402
 from ssl_runtime.cpu_layout import AUTO_WORKERS, lay_out  # noqa: E402
-from ssl_runtime.data import (SafeImageFolder, build_loader, limit_images, resolve_data_path,  # noqa: E402
-                              set_loader_epoch)
+from ssl_runtime.data import (SafeImageFolder, build_loader, check_same_classes, limit_images,  # noqa: E402
+                              resolve_data_path, set_loader_epoch)
 from ssl_runtime.device import add_device_arg, compile_module  # noqa: E402
 from ssl_runtime.distributed import (DistContext, add_launcher_args, convert_sync_batchnorm,  # noqa: E402
                                      init_distributed, unwrap, wrap_ddp)
@@ -214,9 +214,11 @@ def build_knn_probe(args, data_folder: Path, ctx: DistContext) -> KnnProbe | Non
         raise UserError(f"--knn_every needs labelled validation images in {val_folder} (beside the "
                         f"training folder {data_folder}): add them, or leave --knn_every at 0")
     transform = eval_transform(args.img_size)
-    return KnnProbe(SafeImageFolder(data_folder, transform=transform),
-                    SafeImageFolder(val_folder, transform=transform), args.knn_every, ctx,
-                    args.batch_size_per_gpu, args.num_workers, args.seed)
+    train_set = SafeImageFolder(data_folder, transform=transform)
+    val_set = SafeImageFolder(val_folder, transform=transform)
+    check_same_classes(train_set, val_set)
+    return KnnProbe(train_set, val_set, args.knn_every, ctx, args.batch_size_per_gpu, args.num_workers,
+                    args.seed)
 
 
 # ---------------------------------------------------------------- one optimisation step's pieces

@@ -138,6 +138,20 @@ class SafeImageFolder(ImageFolder):
                             "the dataset looks broken; check or re-extract it")
 
 
+def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:
+    """Labels are indices into the sorted class folders, so train/ and val/ must hold the same
+    folders: one missing or extra folder shifts every later label and the accuracy is silently
+    wrong (0 % instead of 100 % on identical images)."""
+    if train.classes == val.classes:
+        return
+    only_train = sorted(set(train.classes) - set(val.classes))
+    only_val = sorted(set(val.classes) - set(train.classes))
+    raise UserError(f"{train.root} and {val.root} have different class folders ({len(train.classes)} vs "
+                    f"{len(val.classes)}; only in train/: {only_train[:5] or 'none'}, only in val/: "
+                    f"{only_val[:5] or 'none'}): labels are class-folder indices, so they must match. "
+                    "Give both the same class folders (an empty folder is allowed)")
+
+
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, ctx: DistContext,
                  shuffle: bool = True, drop_last: bool = True, collate_fn: Callable | None = None,
                  prefetch_factor: int = 2, seed: int | None = None) -> DataLoader:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dino import eval_knn, main_dino
+from dino import eval_knn, eval_linear, main_dino, nearest_neighbors
 from ssl_runtime import checkpoint as ckpt_io
 from ssl_runtime.checkpoint import load_checkpoint, previous_path
 from tests.conftest import make_imagefolder
@@ -198,6 +198,28 @@ def test_missing_val_folder_for_evaluation(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         eval_knn.main(ARCH + ["--data_path", str(data), "--num_workers", "0"])
     assert info.value.code == 2 and "has no val/ folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["eval_knn", "eval_linear", "nearest_neighbors", "main_dino --knn_every"])
+def test_train_and_val_with_other_class_folders_are_refused(tmp_path, entry, capsys):
+    """val/ lacking train/'s first class: every val label would be off by one (Top1 0 instead of 100)."""
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=2)
+    for image in (data / "val" / "class_0").iterdir():
+        image.unlink()
+    (data / "val" / "class_0").rmdir()
+    argv = {"eval_knn": (eval_knn.main, ARCH + ["--num_workers", "0"]),
+            "eval_linear": (eval_linear.main, ARCH + ["--num_workers", "0", "--n_last_blocks", "2",
+                                                      "--output_dir", str(tmp_path / "lin")]),
+            "nearest_neighbors": (nearest_neighbors.main, ARCH + ["--num_workers", "0",
+                                                                  "--png", str(tmp_path / "nn.png")]),
+            "main_dino --knn_every": (main_dino.main, TRAIN + ["--num_workers", "0", "--knn_every", "1",
+                                                               "--epochs", "1", "--output_dir", str(tmp_path / "out")])}
+    main, args = argv[entry]
+    with pytest.raises(SystemExit) as info:
+        main(args + ["--data_path", str(data / "train" if entry.startswith("main_dino") else data)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "have different class folders (3 vs 2; only in train/: ['class_0']" in err
+    assert "an empty folder is allowed" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- 4. bad arguments
