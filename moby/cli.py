@@ -89,13 +89,20 @@ def start_run(config: CfgNode, args: argparse.Namespace, pretraining: bool = Fal
     evaluations' transforms are light, so on CPU they load in the main process."""
     ctx = init_distributed(config.DEVICE, args.local_rank, args.dist_url)
     batched = pretraining and use_batched(config.AUG.BATCHED, ctx.device_type)
-    workers, layout = lay_out(config.DATA.NUM_WORKERS, ctx.device_type, UPSTREAM_WORKERS,
-                              light_pipeline=batched or not pretraining)
-    set_values(config, LOCAL_RANK=ctx.local_rank, **{"AUG.BATCHED": batched, "DATA.NUM_WORKERS": workers})
+    set_values(config, LOCAL_RANK=ctx.local_rank, **{"AUG.BATCHED": batched})
+    layout = resolve_workers(config, ctx.device_type, light_pipeline=batched or not pretraining)
     if ctx.is_main:
         print(layout, flush=True)
     seed_everything(config.SEED + ctx.rank)
     return ctx
+
+
+def resolve_workers(config: CfgNode, device_type: str, light_pipeline: bool) -> str:
+    """DATA.NUM_WORKERS -1 (automatic, the default) becomes a worker count (see
+    ssl_runtime.cpu_layout); returns the layout's line for the log."""
+    workers, layout = lay_out(config.DATA.NUM_WORKERS, device_type, UPSTREAM_WORKERS, light_pipeline)
+    set_values(config, **{"DATA.NUM_WORKERS": workers})
+    return layout
 
 
 def open_output(config: CfgNode, ctx: DistContext) -> logging.Logger:
