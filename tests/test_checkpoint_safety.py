@@ -151,6 +151,24 @@ def test_planted_checkpoint_is_refused_by_every_entry_point(name, entry, argv, f
     assert not marker.exists()
 
 
+MOBY_TRUSTING = [("main_moby", main_moby.main, ("--resume",)), ("main_linear", main_linear.main, ("--pretrained",)),
+                 ("eval_knn", moby_knn.main, ("--pretrained",))]
+
+
+@pytest.mark.parametrize("name, entry, flag", MOBY_TRUSTING, ids=[e[0] for e in MOBY_TRUSTING])
+def test_a_config_file_cannot_switch_trust_on(name, entry, flag, tmp_path, tiny_imagefolder, capsys):
+    marker = tmp_path / "marker"
+    evil = plant(tmp_path / "evil.pth", marker)
+    cfg = tmp_path / "trusting.yaml"
+    cfg.write_text(f"BASE: ['{CPU_CFG}']\nMODEL:\n  TRUST_CHECKPOINT: True\n")
+    argv = moby_args(tiny_imagefolder, tmp_path / "out", *flag, str(evil))
+    argv[argv.index(CPU_CFG)] = str(cfg)
+    with pytest.raises(SystemExit) as info:
+        run_entry_quietly(entry, argv)
+    assert info.value.code == 2 and not marker.exists()
+    assert f"MODEL.TRUST_CHECKPOINT is set in config file {cfg}" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- the scanner
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
