@@ -63,14 +63,20 @@ def _fsync_dir(folder: Path) -> None:
 
 TRUST_FLAG = "--trust_checkpoint"  # DINO's spelling; MoBY's tools pass their own
 
-# Globals the weights-only unpickler rebuilds without running code from the file (tensors,
-# storages, dtypes, OrderedDict, bytes): anything else is named when a file is refused.
-_SAFE_GLOBALS = ("collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset",
-                 "builtins.bytearray", "builtins.complex", "builtins.slice")
+# Every class or function a pickle may import before we hand it to torch.load, read from the
+# files this project writes (checkpoints, linear heads, k-NN features, exports: tensors in
+# OrderedDicts) and official DINO, Swin/MoBY and timm weight files (the same): tensors, their
+# storages and OrderedDict. torch's own weights-only check is the second line; ours holds on every
+# torch release, including those whose check could be bypassed (see load_checkpoint).
+_STORAGE_KINDS = ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool",
+                  "ComplexFloat", "ComplexDouble")
+SAFE_GLOBALS = frozenset({"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
+                          "collections.OrderedDict", *(f"torch.{kind}Storage" for kind in _STORAGE_KINDS)})
 
 
 class UntrustedCheckpoint(UserError):
-    """The safe unpickler refused a file: it holds objects whose rebuilding can run code."""
+    """A file refused by the safe loader: it holds objects whose rebuilding can run code, or comes in
+    a form whose safety cannot be checked."""
 
 
 def add_trust_arg(parser, flag: str = TRUST_FLAG) -> None:
@@ -87,42 +93,56 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", trust: bool = F
     """Read a checkpoint without running code stored in it; one clear message for a missing,
     truncated, corrupt or refused file.
 
-    .safetensors files hold tensors only. Pickled files (torch.save) go through torch's safe
-    (weights-only) unpickler, which rebuilds tensors, numbers, strings and containers but no
-    other object. A file holding other objects (an argparse Namespace, a yacs config, numpy
-    arrays, or code planted by an attacker) is refused with an UntrustedCheckpoint naming them,
-    unless `trust` is set: then it is read with the full unpickler, after a warning.
+    .safetensors files hold tensors only. A pickled file (torch.save) is first read with pickletools,
+    which executes nothing: it must be torch's zip format, and its pickles may import SAFE_GLOBALS
+    only. Then torch's safe (weights-only) unpickler rebuilds it. Both checks are needed: before
+    torch 2.6 torch's check could be bypassed (CVE-2025-32434, through the legacy non-zip format),
+    so it is not a sandbox on the torch 2.1 stacks this project supports. A refused file (an
+    argparse Namespace, a yacs config, numpy arrays, the legacy format, or code planted by an
+    attacker) stops with an UntrustedCheckpoint naming why, unless `trust` is set: then it is
+    read with the full unpickler, after a warning.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check the path")
     try:
         if is_safetensors(path):
-            from safetensors.torch import load_file
-
-            return load_file(path, device=str(map_location))
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            found = ", ".join(unsafe_globals(path) or _refused_globals(exc))
-            if not found:  # not a refused type: a damaged file
-                raise
-            if not trust:
-                raise UntrustedCheckpoint(
-                    f"checkpoint {path} holds objects the safe loader does not rebuild ({found}): "
-                    "loading them could run code stored in the file. If you trust the file (e.g. "
-                    "written by an earlier version of this project, or an official full "
-                    f"checkpoint holding an argparse Namespace or yacs config), pass {trust_flag}"
-                ) from None
-            print(f"warning: {path} holds {found}, which the safe loader does not rebuild; reading "
-                  f"it with the full unpickler because {trust_flag} was given (this runs any code "
-                  "the file carries)", flush=True)
-            return torch.load(path, map_location=map_location, weights_only=False)
+            return _load_safetensors(path, map_location)
+        if path.suffix == ".safetensors":  # torch.load would hand it to safetensors by its name
+            raise UserError(f"{path} is named .safetensors but is not a safetensors file (a pickle?): "
+                            "rename it to .pth if it is a torch checkpoint, or export it again")
+        concern = pickle_concern(path)
+        if concern is None:
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                found = _refused_globals(exc)
+                if not found:  # not a refused type: a damaged file
+                    raise
+                concern = f"holds objects the safe loader does not rebuild ({', '.join(found)})"
+        if not trust:
+            raise UntrustedCheckpoint(
+                f"checkpoint {path} {concern}: loading it could run code stored in the file. If you "
+                "trust the file (e.g. written by an earlier version of this project, or an official "
+                f"full checkpoint holding an argparse Namespace or yacs config), pass {trust_flag}")
+        print(f"warning: {path} {concern}; reading it with the full unpickler because {trust_flag} "
+              "was given (this runs any code the file carries)", flush=True)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
             AttributeError, ImportError, IndexError, OSError) as exc:
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); delete it or "
                         "point at an earlier checkpoint") from None
+
+
+def _load_safetensors(path: Path, map_location) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(map_location))
+    except SafetensorError as exc:  # a truncated file, or a bad header
+        raise ValueError(f"safetensors: {exc}") from None
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -132,15 +152,43 @@ def is_safetensors(path: str | os.PathLike) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 2 ** 32
 
 
+def pickle_concern(path: str | os.PathLike) -> str | None:
+    """Why a torch.save file must not reach torch.load unless trusted, found without unpickling
+    anything; None for a zip checkpoint whose pickles import SAFE_GLOBALS only. A file that is no
+    complete pickle raises ValueError or EOFError (corrupt)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        zipped = handle.read(4) == b"PK\x03\x04"
+    if not zipped:
+        with open(path, "rb") as handle:
+            list(pickletools.genops(handle))  # not a pickle at all: ValueError (corrupt)
+        found = unsafe_globals(path)
+        return ("is in torch's legacy (non-zip) format, which torch's safe loader does not check "
+                "reliably before torch 2.6" + (f", and holds {', '.join(found)}" if found else ""))
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        if any(Path(name).name == "constants.pkl" for name in names):
+            return "is a TorchScript archive (torch.jit.save), which torch.load would run through torch.jit.load"
+        found = []
+        for name in (n for n in names if n.endswith(".pkl")):
+            with archive.open(name) as stream:
+                found += [g for g in _imports(stream) if g not in SAFE_GLOBALS and g not in found]
+    return f"holds objects the safe loader does not rebuild ({', '.join(found)})" if found else None
+
+
 def unsafe_globals(path: str | os.PathLike) -> list[str]:
-    """`module.name` of every class or function the file's pickles import, other than torch's
-    own and the few the safe unpickler allows; read with pickletools, so nothing is executed."""
+    """`module.name` of every class or function the file's pickles import beyond SAFE_GLOBALS (the
+    legacy format: in the pickles before its raw tensor data); read with pickletools, so nothing is
+    executed."""
+    path = Path(path)
     found: list[str] = []
-    for stream in _pickle_streams(Path(path)):
+    for stream in _pickle_streams(path):
         with stream:
-            for name in _pickled_globals(stream):
-                if not name.startswith("torch.") and name not in _SAFE_GLOBALS and name not in found:
-                    found.append(name)
+            try:
+                while stream.peek(1):  # one pickle after another, until the end or raw tensor data
+                    found += [g for g in _imports(stream) if g not in SAFE_GLOBALS and g not in found]
+            except (ValueError, EOFError):
+                pass
     return found
 
 
@@ -151,29 +199,31 @@ def _pickle_streams(path: Path):
     return [open(path, "rb")]  # torch's legacy format: several pickles back to back, then data
 
 
-def _pickled_globals(stream) -> list[str]:
-    """GLOBAL names and, for STACK_GLOBAL (protocol 4+), the two strings it pops."""
+def _imports(stream) -> list[str]:
+    """The classes and functions one pickle imports, as `module.name`: GLOBAL and INST name them;
+    STACK_GLOBAL (protocol 4+) pops two strings pushed (or fetched from the memo) by the opcodes
+    just before it; an extension code (EXT1/2/4) imports whatever the registry maps it to.
+    A name this cannot follow is reported as such, so it is never allowed. ValueError or
+    EOFError when the bytes are not one complete pickle."""
     names: list[str] = []
     last = deque([None, None], maxlen=2)  # values of the last two opcodes (strings or None)
     memo: dict = {}
-    try:
-        while stream.peek(1):  # one pickle after another, until the end or raw tensor data
-            for op, arg, _pos in pickletools.genops(stream):
-                value = None
-                if op.name == "GLOBAL":
-                    names.append(arg.replace(" ", "."))
-                elif op.name == "STACK_GLOBAL":
-                    names.append(f"{last[0]}.{last[1]}")
-                elif "UNICODE" in op.name or "STRING" in op.name:
-                    value = arg
-                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-                    memo[len(memo) if op.name == "MEMOIZE" else arg] = last[1]
-                    continue  # stores the top of the stack, pushes nothing
-                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-                    value = memo.get(arg)
-                last.append(value)
-    except (ValueError, EOFError, OSError):
-        pass
+    for op, arg, _pos in pickletools.genops(stream):
+        value = None
+        if op.name in ("GLOBAL", "INST"):
+            names.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            names.append(f"{last[0]}.{last[1]}" if None not in last else "<a name computed in the pickle>")
+        elif op.name.startswith("EXT"):
+            names.append(f"<extension code {arg}>")
+        elif "UNICODE" in op.name or "STRING" in op.name:
+            value = arg
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if op.name == "MEMOIZE" else arg] = last[1]
+            continue  # stores the top of the stack, pushes nothing
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            value = memo.get(arg)
+        last.append(value)
     return names
 
 

@@ -12,6 +12,8 @@ import argparse
 import logging
 import os
 import pickle
+import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from moby.backbones import build_encoder
 from moby.checkpoint import from_upstream_layout, load_pretrained_encoder, to_upstream_layout
 from moby.config import config_from_checkpoint
 from moby.model import build_moby
-from ssl_runtime.checkpoint import UntrustedCheckpoint, load_checkpoint, unsafe_globals
+from ssl_runtime.checkpoint import UntrustedCheckpoint, load_checkpoint, pickle_concern, unsafe_globals
 from tests.conftest import run_entry_quietly
 from tests.test_moby_train import CPU_CFG, NAME, TINY
 
@@ -182,6 +184,73 @@ def test_unsafe_globals_are_named_without_unpickling(tmp_path, protocol, zipped)
     with pytest.raises(UntrustedCheckpoint):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+def with_data_pkl(path: Path, pickled: bytes) -> Path:
+    """A torch.save zip whose data.pkl is replaced by `pickled`."""
+    torch.save({"w": torch.ones(1)}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, pickled if name.endswith("/data.pkl") else data)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_weak_torch_check_never_sees_a_refused_file(tmp_path, monkeypatch, zipped):
+    """torch's weights-only check could be bypassed before torch 2.6 (CVE-2025-32434): stand-in, a
+    torch.load that ignores weights_only. The file is refused by our scan before it gets there."""
+    marker = tmp_path / "marker"
+    torch.save({"model": Planted(marker)}, tmp_path / "evil.pth", _use_new_zipfile_serialization=zipped)
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: real_load(*a, **{**kw, "weights_only": False}))
+    with pytest.raises(UntrustedCheckpoint, match=PLANTED_CALL):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_legacy_format_is_refused_even_when_it_holds_only_tensors(tmp_path, capsys):
+    path = tmp_path / "legacy.pth"
+    torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(UntrustedCheckpoint, match=r"legacy \(non-zip\) format.*pass --trust_checkpoint"):
+        load_checkpoint(path)
+    assert torch.equal(load_checkpoint(path, trust=True)["w"], torch.arange(3.0))
+    assert "legacy (non-zip) format" in capsys.readouterr().out  # the warning
+
+
+def test_every_import_opcode_is_checked(tmp_path):
+    """INST (protocol 0) imports and calls like GLOBAL + REDUCE; torch's zip reader takes any
+    pickle in data.pkl. Extension codes import through copyreg's registry."""
+    marker = tmp_path / "marker"
+    inst = with_data_pkl(tmp_path / "inst.pth", b"(S'" + str(marker).encode() + b"'\ni"
+                         + PLANTED_CALL.replace(".", "\n").encode() + b"\n.")
+    with pytest.raises(UntrustedCheckpoint, match=rf"\({PLANTED_CALL}\)"):
+        load_checkpoint(inst)
+    ext = with_data_pkl(tmp_path / "ext.pth", b"\x80\x02\x82\x07)R.")  # EXT1 7, (), REDUCE
+    with pytest.raises(UntrustedCheckpoint, match="extension code 7"):
+        load_checkpoint(ext)
+    assert not marker.exists()
+
+
+def test_torchscript_archives_are_refused(tmp_path):
+    """torch.load hands a TorchScript archive to torch.jit.load (torch 2.1 even under weights_only)."""
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "scripted.pth")
+    with pytest.raises(UntrustedCheckpoint, match="TorchScript archive"):
+        load_checkpoint(tmp_path / "scripted.pth")
+
+
+def test_what_the_scan_allows_is_what_our_writers_and_official_weights_need(tmp_path):
+    tensors = {str(dtype): torch.zeros(2, dtype=dtype) for dtype in (
+        torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+        torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64)}
+    torch.save({"model": OrderedDict(tensors), "p": torch.nn.Parameter(torch.ones(2)), "epoch": 3,
+                "args": {"lr": 0.1, "sizes": (1, 2)}}, tmp_path / "ok.pth")
+    assert pickle_concern(tmp_path / "ok.pth") is None
+    loaded = load_checkpoint(tmp_path / "ok.pth")
+    assert all(loaded["model"][k].dtype == v.dtype for k, v in tensors.items()) and loaded["epoch"] == 3
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
