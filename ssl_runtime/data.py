@@ -24,6 +24,10 @@ from .resilience import PerSampleSeeded, ResumableSampler
 MAX_BAD_FRACTION = 0.01  # more unreadable images than this is a broken dataset, not bad luck
 MIN_SEEN_FOR_RATIO = 200  # judge the fraction only once enough images have been tried
 MAX_CONSECUTIVE_BAD = 50
+# Pillow's raster formats of the files ImageFolder accepts (.jpg .jpeg .png .ppm .bmp .pgm .tif
+# .tiff .webp) plus GIF. Pillow picks a format by the file's content, not its name: unrestricted, a
+# PostScript file named .png would be handed to Ghostscript (an interpreter).
+RASTER_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 
 
 def default_dataset_root() -> Path:
@@ -67,9 +71,10 @@ def resolve_data_path(path: str | os.PathLike | None, need: Sequence[str] = ("tr
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open any PIL-readable image as 8-bit RGB (grayscale, palette, CMYK and 16-bit included)."""
+    """Open a raster image (RASTER_FORMATS) as 8-bit RGB (grayscale, palette, CMYK and 16-bit
+    included); any other content raises UnidentifiedImageError, as an unreadable file does."""
     with open(path, "rb") as handle:
-        image = Image.open(handle)
+        image = Image.open(handle, formats=RASTER_FORMATS)
         image.load()
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # convert('RGB') would clip 16-bit / float values; rescale to 0..255 first
@@ -78,6 +83,12 @@ def load_rgb(path: str) -> Image.Image:
         scaled = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
         image = Image.fromarray(scaled.astype(np.uint8), mode="L")
     return image.convert("RGB")
+
+
+def printable(text: str) -> str:
+    """`text` with what a strict UTF-8 stream cannot write (a file name's non-UTF-8 bytes, which
+    Python holds as surrogates) as backslash escapes, e.g. \\xff."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 class SafeImageFolder(ImageFolder):
@@ -130,8 +141,8 @@ class SafeImageFolder(ImageFolder):
     def _record_bad(self, path: str, exc: Exception) -> None:
         self.bad_files.add(path)
         reason = (str(exc).splitlines() or [type(exc).__name__])[0].split(" <_io")[0][:120]
-        print(f"warning: skipping unreadable image {path} ({reason}); "
-              f"{len(self.bad_files)} skipped so far", flush=True)
+        print(printable(f"warning: skipping unreadable image {path} ({reason}); "
+                        f"{len(self.bad_files)} skipped so far"), flush=True)
         if self.tried >= MIN_SEEN_FOR_RATIO and len(self.bad_files) > self.max_bad_fraction * self.tried:
             raise UserError(f"{len(self.bad_files)} of {self.tried} images could not be read "
                             f"(more than {self.max_bad_fraction:.0%}) under {self.root}: "

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ssl_runtime import data
 from ssl_runtime.distributed import DistContext
@@ -68,6 +70,46 @@ def test_broken_images_are_skipped_with_a_warning(tiny_imagefolder, capsys):
     assert len(dataset.bad_files) == 3
     out = capsys.readouterr().out
     assert "skipping unreadable image" in out and "zero.png" in out and "notes.jpg" in out
+
+
+# An Encapsulated PostScript file: Pillow hands PostScript to Ghostscript to render it.
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 setgray 0 0 8 8 rectfill\nshowpage\n"
+       b"%%EOF\n")
+
+
+def test_postscript_named_png_is_unreadable_and_never_reaches_ghostscript(tiny_imagefolder, monkeypatch,
+                                                                          capsys):
+    from PIL import EpsImagePlugin
+
+    calls = []
+
+    def ghostscript(*args, **kwargs):
+        calls.append(args)
+        raise OSError("Ghostscript was started")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    (tiny_imagefolder / "train" / "class_0" / "000.png").write_bytes(EPS)
+    with pytest.raises(UnidentifiedImageError):
+        data.load_rgb(str(tiny_imagefolder / "train" / "class_0" / "000.png"))
+    dataset = data.SafeImageFolder(tiny_imagefolder / "train")
+    assert dataset[0][1] == 0 and len(dataset.bad_files) == 1  # skipped: the next image of class_0
+    assert "skipping unreadable image" in capsys.readouterr().out and not calls
+
+
+def test_a_non_utf8_file_name_is_printed_escaped(tiny_imagefolder, monkeypatch):
+    """File names are bytes; Python holds the non-UTF-8 ones with surrogates, which a strict UTF-8
+    stdout (PYTHONIOENCODING=utf-8, most loggers) cannot encode."""
+    folder = os.fsencode(tiny_imagefolder / "train" / "class_0")
+    with open(os.path.join(folder, b"caf\xe9.png"), "wb"):
+        pass  # empty: unreadable
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    dataset = data.SafeImageFolder(tiny_imagefolder / "train")
+    index = next(i for i, (path, _) in enumerate(dataset.samples) if "caf" in path)
+    dataset[index]  # skipped for the next image
+    stdout.flush()
+    assert b"skipping unreadable image " in stdout.buffer.getvalue()
+    assert b"caf\\xe9.png" in stdout.buffer.getvalue()
 
 
 def test_too_many_broken_images_stop_with_a_clear_error(tmp_path, monkeypatch):
