@@ -22,7 +22,7 @@ from .errors import UserError
 from .resilience import PerSampleSeeded, ResumableSampler
 
 MAX_BAD_FRACTION = 0.01  # more unreadable images than this is a broken dataset, not bad luck
-MIN_SEEN_FOR_RATIO = 200  # judge the fraction only once enough images have been tried
+MIN_SEEN_FOR_RATIO = 200  # until this many images were tried, the fraction is of this many
 MAX_CONSECUTIVE_BAD = 50
 # Pillow's raster formats of the files ImageFolder accepts (.jpg .jpeg .png .ppm .bmp .pgm .tif
 # .tiff .webp) plus GIF. Pillow picks a format by the file's content, not its name: unrestricted, a
@@ -143,10 +143,14 @@ class SafeImageFolder(ImageFolder):
         reason = (str(exc).splitlines() or [type(exc).__name__])[0].split(" <_io")[0][:120]
         print(printable(f"warning: skipping unreadable image {path} ({reason}); "
                         f"{len(self.bad_files)} skipped so far"), flush=True)
-        if self.tried >= MIN_SEEN_FOR_RATIO and len(self.bad_files) > self.max_bad_fraction * self.tried:
-            raise UserError(f"{len(self.bad_files)} of {self.tried} images could not be read "
-                            f"(more than {self.max_bad_fraction:.0%}) under {self.root}: "
-                            "the dataset looks broken; check or re-extract it")
+        # Until MIN_SEEN_FOR_RATIO images were tried the fraction is of that many, so a small dataset
+        # (or the start of any) stops at its third unreadable image instead of training on the
+        # readable ones repeated; from then on it is the fraction of the images tried.
+        if len(self.bad_files) > self.max_bad_fraction * max(self.tried, MIN_SEEN_FOR_RATIO):
+            raise UserError(f"{len(self.bad_files)} of {self.tried} images could not be read under "
+                            f"{self.root} (at most {self.max_bad_fraction:.0%} of the images tried, "
+                            f"counted as at least {MIN_SEEN_FOR_RATIO}, may be): the dataset looks "
+                            "broken; check or re-extract it")
 
 
 def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:

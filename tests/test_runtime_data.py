@@ -112,6 +112,35 @@ def test_a_non_utf8_file_name_is_printed_escaped(tiny_imagefolder, monkeypatch):
     assert b"caf\\xe9.png" in stdout.buffer.getvalue()
 
 
+def test_a_small_dataset_full_of_broken_files_stops_at_its_third(tmp_path):
+    """Until 200 images were tried, the 1 % is of 200: 2 unreadable images are skipped, a third
+    stops the run (before, a dataset under 200 images per worker never stopped on the fraction
+    and trained on its readable images repeated)."""
+    folder = tmp_path / "d" / "train" / "c"
+    folder.mkdir(parents=True)
+    for i in range(10):
+        Image.new("L", (8, 8), i).save(folder / f"good{i}.png")
+        if i % 2:
+            (folder / f"good{i}_bad.png").write_bytes(b"")  # 5 of 15 unreadable
+    dataset = data.SafeImageFolder(tmp_path / "d" / "train")
+    with pytest.raises(UserError, match=r"3 of \d+ images could not be read .*at most 1% of the images "
+                                        r"tried, counted as at least 200"):
+        for i in range(len(dataset)):
+            dataset[i]
+    assert len(dataset.bad_files) == 3
+
+
+def test_the_fraction_rule_after_200_images_is_unchanged(tiny_imagefolder):
+    """From 200 images tried on, more than 1 % of those tried stops the run, as before."""
+    dataset = data.SafeImageFolder(tiny_imagefolder / "train")
+    error = OSError("broken")
+    dataset.tried = 400
+    for i in range(4):
+        dataset._record_bad(f"bad{i}.png", error)  # 4 of 400: 1 %, not more
+    with pytest.raises(UserError, match="5 of 400 images"):
+        dataset._record_bad("bad4.png", error)
+
+
 def test_too_many_broken_images_stop_with_a_clear_error(tmp_path, monkeypatch):
     folder = tmp_path / "d" / "train" / "c"
     folder.mkdir(parents=True)
