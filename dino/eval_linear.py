@@ -25,7 +25,8 @@ from torchvision import transforms  # noqa: E402
 from dino.augment import eval_transform, normalize_transform  # noqa: E402
 from dino.checkpoints import add_pretrained_args, build_eval_backbone, model_label  # noqa: E402
 from dino.models import backbone_is_vit, canonical_arch, is_vit  # noqa: E402
-from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, save_atomic, strip_prefixes  # noqa: E402
+from ssl_runtime.checkpoint import (load_checkpoint, load_state_dict_checked, prepare_output_dir,  # noqa: E402
+                                    save_atomic, strip_prefixes)
 from ssl_runtime.data import (SafeImageFolder, build_loader, check_same_classes, resolve_data_path,  # noqa: E402
                               set_loader_epoch)
 from ssl_runtime.device import add_device_arg  # noqa: E402
@@ -220,8 +221,7 @@ def eval_linear(args: argparse.Namespace) -> float:
     silence_non_main(ctx.is_main)
     fix_random_seeds(0)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(args.output_dir)
 
     backbone = build_eval_backbone(args)
     vit = backbone_is_vit(backbone)

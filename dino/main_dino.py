@@ -32,7 +32,8 @@ from dino.models import build_dino_networks, canonical_arch, is_vit  # noqa: E40
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.augment import use_batched, views_to_device  # noqa: E402
 from ssl_runtime.collapse import CollapseWatch  # noqa: E402
-from ssl_runtime.checkpoint import add_trust_arg, load_first_readable, previous_path, save_atomic  # noqa: E402
+from ssl_runtime.checkpoint import (add_trust_arg, load_first_readable, prepare_output_dir, previous_path,  # noqa: E402
+                                    save_atomic)
 from ssl_runtime.cpu_layout import AUTO_WORKERS, lay_out  # noqa: E402
 from ssl_runtime.data import (SafeImageFolder, build_loader, check_same_classes, limit_images,  # noqa: E402
                               resolve_data_path, set_loader_epoch)
@@ -469,7 +470,7 @@ def train_dino(args: argparse.Namespace) -> None:
     args.num_workers, layout = lay_out(args.num_workers, ctx.device_type, UPSTREAM_WORKERS, args.batched_aug)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     print(layout)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(args.output_dir)
 
     # ============ data ============
     transform = build_dino_augmentation(args.global_crops_scale, args.local_crops_scale,

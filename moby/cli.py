@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from yacs.config import CfgNode
 
 from ssl_runtime.augment import use_batched
-from ssl_runtime.checkpoint import add_trust_arg
+from ssl_runtime.checkpoint import add_trust_arg, prepare_output_dir
 from ssl_runtime.cpu_layout import lay_out
 from ssl_runtime.device import add_device_arg
 from ssl_runtime.distributed import DistContext, add_launcher_args, init_distributed
@@ -107,7 +106,7 @@ def resolve_workers(config: CfgNode, device_type: str, light_pipeline: bool) -> 
 
 def open_output(config: CfgNode, ctx: DistContext) -> logging.Logger:
     """Create the output folder, the logger (log_rank{r}.txt) and, on rank 0, config.json."""
-    os.makedirs(config.OUTPUT, exist_ok=True)
+    prepare_output_dir(config.OUTPUT, "--output")
     logger = setup_logger(config.MODEL.NAME, config.OUTPUT, rank=ctx.rank)
     if ctx.is_main:
         path = save_config(config, config.OUTPUT)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import pickletools
 import re
+import socket
 import zipfile
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -23,29 +25,100 @@ def previous_path(path: str | os.PathLike) -> Path:
 
 
 def save_atomic(obj, path: str | os.PathLike, keep_previous: bool = False) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over `path`.
-
-    A crash or a full disk never leaves a half-written file under the final name: the previous
-    checkpoint stays intact. With keep_previous the replaced file is renamed to
-    previous_path(path) first, a fallback should the new one ever turn out unreadable.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """torch.save through atomic_file: a crash or a full disk never leaves a half-written file under
+    the final name, the previous checkpoint stays intact. With keep_previous the replaced file is
+    kept as previous_path(path), a fallback should the new one ever turn out unreadable."""
     try:
-        with open(tmp, "wb") as handle:
+        with atomic_file(path, keep_previous) as handle:
             torch.save(obj, handle)
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"could not write checkpoint {path} ({exc}); the previous checkpoint is "
+                        "untouched. Free disk space or choose another output folder, then rerun "
+                        "the same command to resume") from exc
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, keep_previous: bool = False) -> Iterator[BinaryIO]:
+    """A handle on temporary_path(path) that replaces `path` when the block ends: flushed to disk,
+    then renamed over it (after renaming the old file to previous_path(path) with keep_previous).
+    On any failure the temporary file is removed and the original error propagates: a removal that
+    fails too (a read-only file system) never hides it."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         if keep_previous and path.is_file():
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write checkpoint {path} ({exc}); the previous checkpoint is "
-                        "untouched. Free disk space or choose another output folder, then rerun "
-                        "the same command to resume") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def temporary_path(path: Path) -> Path:
+    """Hidden, beside `path`, named after the writing host and process, so that a later run can tell
+    a killed writer's leftover (remove_stale_temporaries) from a live writer's file."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+# temporary_path's names (and the earlier `.<name>.tmp-<pid>`, without the host) of the files we write
+_TEMPORARY = re.compile(r"\.(?P<name>.+\.(?:pth|safetensors))\.tmp-(?:(?P<host>[\w.-]+)-)?(?P<pid>\d+)")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of checkpoint writes whose process is gone (killed mid-write: each
+    as large as a checkpoint); returns them. Never a live writer's, another host's (its process
+    cannot be checked from here) or any other file."""
+    removed = []
+    for entry in Path(folder).iterdir():
+        match = _TEMPORARY.fullmatch(entry.name)
+        if not match or match["host"] not in (None, socket.gethostname()):
+            continue
+        if entry.is_symlink() or not entry.is_file() or _process_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another rank of this host removed it first
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def prepare_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """Create the output folder, check at start that files can be written into it (a read-only or
+    otherwise unusable folder would first fail when the first checkpoint is saved, after an epoch),
+    and remove stale temporaries of killed checkpoint writes."""
+    folder = Path(folder)
+    probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"ok")
+    except OSError as exc:
+        raise UserError(f"cannot write into the output folder {folder} ({exc.strerror or exc}): "
+                        f"choose another {flag}, or make it writable") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    for stale in remove_stale_temporaries(folder):
+        print(f"removed {stale}, left by a checkpoint write that was killed", flush=True)
+    return folder
 
 
 def _fsync_dir(folder: Path) -> None:

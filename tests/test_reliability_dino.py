@@ -5,6 +5,8 @@ from __future__ import annotations
 import builtins
 import errno
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -126,6 +128,54 @@ def test_full_disk_while_saving_keeps_the_last_checkpoint(tmp_path, tiny_imagefo
     assert "previous checkpoint is untouched" in err
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def read_only_mounts_work(folder: Path) -> bool:
+    """A read-only file system mounted by this user (a user and mount namespace, no privileges)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs '{folder}'"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+def test_a_read_only_output_folder_stops_at_start(tmp_path, tiny_imagefolder):
+    """It trained a whole epoch, then died with a raw OSError raised by the cleanup of the failed save."""
+    out = tmp_path / "read_only"
+    out.mkdir()
+    if not read_only_mounts_work(out):
+        pytest.skip("unshare cannot mount a read-only file system here")
+    mount_then_run = 'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"'
+    result = run(["unshare", "-rm", "sh", "-c", mount_then_run, str(out),
+                  *command(tiny_imagefolder, out, "--epochs", "1", "--num_workers", "0")])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: cannot write into the output folder {out} (Read-only file system): choose another " \
+           "--output_dir" in result.stderr
+    assert "Epoch: [0/1]" not in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("entry", ["main_dino", "eval_linear"])
+def test_an_output_folder_under_a_file_is_a_one_line_error(tmp_path, tiny_imagefolder, entry, capsys):
+    (tmp_path / "file").write_text("x")
+    argv = {"main_dino": (main_dino.main, TRAIN + ["--epochs", "1", "--num_workers", "0"]),
+            "eval_linear": (eval_linear.main, ARCH + ["--num_workers", "0", "--n_last_blocks", "2"])}
+    main, args = argv[entry]
+    with pytest.raises(SystemExit) as info:
+        main(args + ["--data_path", str(tiny_imagefolder), "--output_dir", str(tmp_path / "file" / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "cannot write into the output folder" in err and "Traceback" not in err
+
+
+def test_a_rerun_removes_the_temporary_file_of_a_killed_write(tmp_path, tiny_imagefolder, capsys):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # a writer that is gone
+    child.wait()
+    stale = tmp_path / f".checkpoint.pth.tmp-{child.pid}"
+    stale.write_bytes(b"half a checkpoint")
+    main_dino.main(TRAIN + ["--data_path", str(tiny_imagefolder), "--output_dir", str(tmp_path),
+                            "--epochs", "1", "--num_workers", "0"])
+    assert not stale.exists() and f"removed {stale}, left by a checkpoint write that was killed" in \
+        capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob(".*")) == []
 
 
 # ---------------------------------------------------------------- 3. bad data

@@ -114,6 +114,15 @@ def test_odd_and_broken_images_train_with_warnings(tmp_path, workers, capfd):
     assert "Throughput:" in out and load_checkpoint(run_dir(tmp_path) / "checkpoint.pth")["epoch"] == 0
 
 
+def test_an_output_folder_under_a_file_is_a_one_line_error(tmp_path, tiny_imagefolder, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as info:
+        main_moby.main(args(tiny_imagefolder, tmp_path / "file", "--epochs", "1"))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "cannot write into the output folder" in err and "--output" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("make, message", [
     (make_file, "is a file, not a folder"),
     (make_empty, "has no train/ folder"),
