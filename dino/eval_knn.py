@@ -101,6 +101,10 @@ def load_saved_features(folder: str, trust: bool = False):
         raise UserError(f"--load_features {folder} lacks {', '.join(missing)}: write them first "
                         "with --dump_features")
     tensors = [load_checkpoint(os.path.join(folder, name), trust=trust) for name in FEATURE_FILES]
+    for name, tensor in zip(FEATURE_FILES, tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise UserError(f"{os.path.join(folder, name)} holds a {type(tensor).__name__}, not a tensor: "
+                            "write the features with --dump_features")
     num_classes = int(max(tensors[2].max(), tensors[3].max())) + 1
     return (*tensors, num_classes)
 

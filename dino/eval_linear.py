@@ -26,7 +26,7 @@ from dino.augment import eval_transform, normalize_transform  # noqa: E402
 from dino.checkpoints import add_pretrained_args, build_eval_backbone, model_label  # noqa: E402
 from dino.models import backbone_is_vit, canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.checkpoint import (load_checkpoint, load_state_dict_checked, prepare_output_dir,  # noqa: E402
-                                    save_atomic, strip_prefixes)
+                                    require_entries, save_atomic, strip_prefixes)
 from ssl_runtime.data import (SafeImageFolder, build_loader, check_same_classes, resolve_data_path,  # noqa: E402
                               set_loader_epoch)
 from ssl_runtime.device import add_device_arg  # noqa: E402
@@ -206,7 +206,10 @@ def restart(path: Path, classifier: nn.Module, optimizer, scheduler, trust: bool
     if not path.is_file():
         return 0, 0.0
     print(f"Found checkpoint at {path}")
-    checkpoint = load_checkpoint(path, trust=trust)
+    checkpoint = require_entries(load_checkpoint(path, trust=trust), path, ("state_dict", "epoch", "best_acc")
+                                 + (("optimizer", "scheduler") if optimizer is not None else ()),
+                                 "it is not a linear head written by eval_linear.py; move it out of "
+                                 "--output_dir, or choose another --output_dir")
     load_state_dict_checked(classifier, strip_prefixes(checkpoint["state_dict"], ("module.",)),
                             what=f"linear classifier in {path}")
     if optimizer is not None:

@@ -33,7 +33,7 @@ from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.augment import use_batched, views_to_device  # noqa: E402
 from ssl_runtime.collapse import CollapseWatch  # noqa: E402
 from ssl_runtime.checkpoint import (add_trust_arg, load_first_readable, prepare_output_dir, previous_path,  # noqa: E402
-                                    save_atomic)
+                                    require_entries, save_atomic)
 from ssl_runtime.cpu_layout import AUTO_WORKERS, lay_out  # noqa: E402
 from ssl_runtime.data import (SafeImageFolder, build_loader, check_same_classes, limit_images,  # noqa: E402
                               resolve_data_path, set_loader_epoch)
@@ -399,6 +399,9 @@ def restart_from_checkpoint(output_dir: Path, student, teacher, optimizer, mp, d
         return 0, 0
     checkpoint, path = found
     print(f"Found checkpoint at {path}")
+    require_entries(checkpoint, path, ("student", "teacher", "optimizer", "dino_loss", "epoch"),
+                    "it is not a training checkpoint of main_dino.py; move it out of --output_dir, or "
+                    "choose another --output_dir")
     load_training_state(unwrap(student), checkpoint["student"], f"'student' in {path}")
     load_training_state(teacher, checkpoint["teacher"], f"'teacher' in {path}")
     try:

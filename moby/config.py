@@ -209,16 +209,25 @@ def _refuse_trust(source: str) -> UserError:
                      "the key and pass --trust-checkpoint for a file you trust")
 
 
-def merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
-    """Merge a YAML file into config, after the files listed in its BASE (as upstream)."""
+def merge_yaml(config: CN, cfg_file: str | os.PathLike, _inheriting: tuple[Path, ...] = ()) -> None:
+    """Merge a YAML file into config, after the files listed in its BASE (as upstream).
+    `_inheriting`: the files whose BASE led here, to name a cycle instead of recursing forever."""
     path = Path(cfg_file)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist: pass --cfg configs/<name>.yaml")
+    chain = (*_inheriting, path.resolve())
+    if path.resolve() in _inheriting:
+        raise UserError(f"config file {path} inherits from itself through BASE "
+                        f"({' -> '.join(p.name for p in chain)}): remove the cycle")
     try:
-        with open(path) as f:
-            content = yaml.safe_load(f) or {}
+        content = yaml.safe_load(path.read_bytes().decode("utf-8-sig")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                        f"offset {exc.start}): save it with UTF-8 encoding") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path} ({exc.strerror or exc})") from None
     if not isinstance(content, dict):
         raise UserError(f"config file {path} must hold a mapping of KEY: value pairs")
     model = content.get("MODEL")
@@ -226,7 +235,7 @@ def merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
         raise _refuse_trust(f"config file {path}")  # (False, as config.json records it, is harmless)
     for base in content.get("BASE", [""]) or []:
         if base:
-            merge_yaml(config, path.parent / base)
+            merge_yaml(config, path.parent / base, chain)
     config.defrost()
     try:
         config.merge_from_other_cfg(CN(content))

@@ -241,7 +241,8 @@ def pickle_concern(path: str | os.PathLike) -> str | None:
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         if any(Path(name).name == "constants.pkl" for name in names):
-            return "is a TorchScript archive (torch.jit.save), which torch.load would run through torch.jit.load"
+            return ("is a TorchScript archive (torch.jit.save), which torch.load would run through "
+                    "torch.jit.load")
         found = []
         for name in (n for n in names if n.endswith(".pkl")):
             with archive.open(name) as stream:
@@ -331,6 +332,19 @@ def load_first_readable(paths: Iterable[str | os.PathLike], warn: Callable[[str]
                         f"({', '.join(p.name for p in existing)}): move them away to start from "
                         "scratch, or restore a good copy")
     return None
+
+
+def require_entries(checkpoint, path: str | os.PathLike, keys: Iterable[str], fix: str) -> Mapping:
+    """`checkpoint`, read from `path`, when it is a dict holding every one of `keys`; else a
+    UserError saying what the file holds instead, then `fix`."""
+    if not isinstance(checkpoint, Mapping):
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict: {fix}")
+    missing = [key for key in keys if key not in checkpoint]
+    if missing:
+        entries = ", ".join(sorted(str(key) for key in checkpoint)[:10]) or "none"
+        raise UserError(f"{path} has no {', '.join(map(repr, missing))} entry (its entries: {entries}): "
+                        f"{fix}")
+    return checkpoint
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict:

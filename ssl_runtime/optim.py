@@ -112,7 +112,7 @@ def _start_missing_momentum(optimizer: torch.optim.Optimizer, args, kwargs) -> N
         if any(started) and not all(started):
             for p, has_buffer in zip(stepping, started):
                 if not has_buffer:
-                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
 
 def npu_fused_adamw_class():

@@ -153,7 +153,42 @@ def test_planted_checkpoint_is_refused_by_every_entry_point(name, entry, argv, f
     assert not marker.exists()
 
 
-MOBY_TRUSTING = [("main_moby", main_moby.main, ("--resume",)), ("main_linear", main_linear.main, ("--pretrained",)),
+WRONG_FILES = {"a list": [torch.ones(2), 3], "a dict of other entries": {"weights": torch.ones(2), "step": 3}}
+
+
+@pytest.mark.parametrize("kind", list(WRONG_FILES))
+@pytest.mark.parametrize("name, entry, argv, flag", ENTRY_POINTS, ids=[e[0] for e in ENTRY_POINTS])
+def test_a_file_holding_something_else_is_a_one_line_error(name, entry, argv, flag, kind, tmp_path,
+                                                           tiny_imagefolder, capsys):
+    """Raw KeyError ('student', 'state_dict'), TypeError or AttributeError (a list) before."""
+    path = tmp_path / "other.pth"
+    torch.save(WRONG_FILES[kind], path)
+    with pytest.raises(SystemExit) as info:
+        run_entry_quietly(entry, argv(path, tiny_imagefolder, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and err.startswith("error: "), err
+
+
+@pytest.mark.parametrize("entry, argv", [
+    (dino_knn.main, lambda path, data: DINO_ARCH + ["--pretrained_weights", str(path), "--data_path", str(data),
+                                                    "--num_workers", "0"]),
+    (moby_knn.main, lambda path, data: moby_args(data, data.parent / "out", "--pretrained", str(path)))])
+def test_truncated_safetensors_and_pickles_named_safetensors(entry, argv, tmp_path, tiny_imagefolder, capsys):
+    """Both reached safetensors' own reader (torch.load also picks it by the name): SafetensorError."""
+    whole = tmp_path / "whole.safetensors"
+    save_file({"w": torch.ones(64)}, whole)
+    (tmp_path / "truncated.safetensors").write_bytes(whole.read_bytes()[:-100])
+    torch.save({"w": torch.ones(2)}, tmp_path / "pickle.safetensors")
+    for name, message in (("truncated", "is truncated or corrupt"),
+                          ("pickle", "is named .safetensors but is not a safetensors file")):
+        with pytest.raises(SystemExit) as info:
+            run_entry_quietly(entry, argv(tmp_path / f"{name}.safetensors", tiny_imagefolder))
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and "Traceback" not in err
+
+
+MOBY_TRUSTING = [("main_moby", main_moby.main, ("--resume",)),
+                 ("main_linear", main_linear.main, ("--pretrained",)),
                  ("eval_knn", moby_knn.main, ("--pretrained",))]
 
 

@@ -267,7 +267,8 @@ def test_train_and_val_with_other_class_folders_are_refused(tmp_path, entry, cap
             "nearest_neighbors": (nearest_neighbors.main, ARCH + ["--num_workers", "0",
                                                                   "--png", str(tmp_path / "nn.png")]),
             "main_dino --knn_every": (main_dino.main, TRAIN + ["--num_workers", "0", "--knn_every", "1",
-                                                               "--epochs", "1", "--output_dir", str(tmp_path / "out")])}
+                                                               "--epochs", "1",
+                                                               "--output_dir", str(tmp_path / "out")])}
     main, args = argv[entry]
     with pytest.raises(SystemExit) as info:
         main(args + ["--data_path", str(data / "train" if entry.startswith("main_dino") else data)])
