@@ -27,15 +27,14 @@ from .config import config_to_dict
 LATEST = "checkpoint.pth"
 ENCODER_PREFIXES = ("encoder.", "encoder_k.")
 TRUST_FLAG = "--trust-checkpoint"  # MODEL.TRUST_CHECKPOINT
-CHECKPOINT_FIX = ("pass a MoBY checkpoint (checkpoint.pth, ckpt_epoch_N.pth) or an encoder exported by "
-                  "moby/export.py")
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
     """A checkpoint (a dict) through the safe loader (see ssl_runtime.checkpoint.load_checkpoint);
     `trust` (--trust-checkpoint, MODEL.TRUST_CHECKPOINT) also reads files it refuses."""
     checkpoint = load_checkpoint(path, trust=trust, trust_flag=TRUST_FLAG)
-    return require_entries(checkpoint, path, (), CHECKPOINT_FIX)
+    return require_entries(checkpoint, path, (), "pass a MoBY checkpoint (checkpoint.pth, ckpt_epoch_N.pth) "
+                                                 "or an encoder exported by moby/export.py")
 
 
 def save_checkpoint(config: CfgNode, epoch: int, model: torch.nn.Module, max_accuracy: float,
@@ -137,7 +136,8 @@ def resume(config: CfgNode, model: torch.nn.Module, optimizer: torch.optim.Optim
     logger.info(f"==============> Resuming form {config.MODEL.RESUME}....................")
     if checkpoint is None:
         checkpoint = read_checkpoint(config.MODEL.RESUME, config.MODEL.TRUST_CHECKPOINT)
-    require_entries(checkpoint, config.MODEL.RESUME, ("model",), CHECKPOINT_FIX)
+    require_entries(checkpoint, config.MODEL.RESUME, ("model",),
+                    "it is not a MoBY checkpoint: resume from checkpoint.pth or ckpt_epoch_N.pth of a run")
     official = is_official_checkpoint(checkpoint)
     state = from_upstream_layout(checkpoint["model"], model)
     load_state_dict_checked(model, state, f"checkpoint {config.MODEL.RESUME}")
