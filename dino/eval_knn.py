@@ -22,7 +22,7 @@ from dino.checkpoints import add_pretrained_args, build_eval_backbone, model_lab
 from dino.main_dino import UPSTREAM_WORKERS  # noqa: E402
 from dino.models import canonical_arch, is_vit  # noqa: E402
 from ssl_runtime.checkpoint import load_checkpoint  # noqa: E402
-from ssl_runtime.data import SafeImageFolder, build_loader, resolve_data_path  # noqa: E402
+from ssl_runtime.data import SafeImageFolder, build_loader, check_same_classes, resolve_data_path  # noqa: E402
 from ssl_runtime.device import add_device_arg  # noqa: E402
 from ssl_runtime.cpu_layout import AUTO_WORKERS, lay_out  # noqa: E402
 from ssl_runtime.distributed import DistContext, add_launcher_args, barrier, init_distributed  # noqa: E402
@@ -73,6 +73,7 @@ def extract_feature_pipeline(args: argparse.Namespace, ctx: DistContext):
     transform = eval_transform(args.img_size)
     dataset_train = SafeImageFolder(root / "train", transform=transform)
     dataset_val = SafeImageFolder(root / "val", transform=transform)
+    check_same_classes(dataset_train, dataset_val)
     loaders = [build_loader(IndexedDataset(ds), args.batch_size_per_gpu, args.num_workers, ctx,
                             shuffle=False, drop_last=False) for ds in (dataset_train, dataset_val)]
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
@@ -100,6 +101,10 @@ def load_saved_features(folder: str, trust: bool = False):
         raise UserError(f"--load_features {folder} lacks {', '.join(missing)}: write them first "
                         "with --dump_features")
     tensors = [load_checkpoint(os.path.join(folder, name), trust=trust) for name in FEATURE_FILES]
+    for name, tensor in zip(FEATURE_FILES, tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise UserError(f"{os.path.join(folder, name)} holds a {type(tensor).__name__}, not a tensor: "
+                            "write the features with --dump_features")
     num_classes = int(max(tensors[2].max(), tensors[3].max())) + 1
     return (*tensors, num_classes)
 

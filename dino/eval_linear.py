@@ -25,8 +25,10 @@ from torchvision import transforms  # noqa: E402
 from dino.augment import eval_transform, normalize_transform  # noqa: E402
 from dino.checkpoints import add_pretrained_args, build_eval_backbone, model_label  # noqa: E402
 from dino.models import backbone_is_vit, canonical_arch, is_vit  # noqa: E402
-from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, save_atomic, strip_prefixes  # noqa: E402
-from ssl_runtime.data import SafeImageFolder, build_loader, resolve_data_path, set_loader_epoch  # noqa: E402
+from ssl_runtime.checkpoint import (load_checkpoint, load_state_dict_checked, prepare_output_dir,  # noqa: E402
+                                    require_entries, save_atomic, strip_prefixes)
+from ssl_runtime.data import (SafeImageFolder, build_loader, check_same_classes, resolve_data_path,  # noqa: E402
+                              set_loader_epoch)
 from ssl_runtime.device import add_device_arg  # noqa: E402
 from ssl_runtime.distributed import DistContext, add_launcher_args, all_reduce_sum_, init_distributed, wrap_ddp  # noqa: E402
 from ssl_runtime.errors import UserError, main_entry  # noqa: E402
@@ -184,6 +186,7 @@ def build_data(args, ctx: DistContext):
     ])
     dataset_train = SafeImageFolder(root / "train", transform=train_transform)
     dataset_val = SafeImageFolder(root / "val", transform=eval_transform(args.img_size))
+    check_same_classes(dataset_train, dataset_val)
     num_classes = len(dataset_train.classes)
     if num_classes > args.num_labels:
         raise UserError(f"the dataset has {num_classes} classes but --num_labels is {args.num_labels}: "
@@ -203,7 +206,10 @@ def restart(path: Path, classifier: nn.Module, optimizer, scheduler, trust: bool
     if not path.is_file():
         return 0, 0.0
     print(f"Found checkpoint at {path}")
-    checkpoint = load_checkpoint(path, trust=trust)
+    checkpoint = require_entries(load_checkpoint(path, trust=trust), path, ("state_dict", "epoch", "best_acc")
+                                 + (("optimizer", "scheduler") if optimizer is not None else ()),
+                                 "it is not a linear head written by eval_linear.py; move it out of "
+                                 "--output_dir, or choose another --output_dir")
     load_state_dict_checked(classifier, strip_prefixes(checkpoint["state_dict"], ("module.",)),
                             what=f"linear classifier in {path}")
     if optimizer is not None:
@@ -218,8 +224,7 @@ def eval_linear(args: argparse.Namespace) -> float:
     silence_non_main(ctx.is_main)
     fix_random_seeds(0)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(args.output_dir)
 
     backbone = build_eval_backbone(args)
     vit = backbone_is_vit(backbone)

@@ -32,10 +32,11 @@ from dino.models import build_dino_networks, canonical_arch, is_vit  # noqa: E40
 from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.augment import use_batched, views_to_device  # noqa: E402
 from ssl_runtime.collapse import CollapseWatch  # noqa: E402
-from ssl_runtime.checkpoint import add_trust_arg, load_first_readable, previous_path, save_atomic  # noqa: E402
+from ssl_runtime.checkpoint import (add_trust_arg, load_first_readable, prepare_output_dir, previous_path,  # noqa: E402
+                                    require_entries, save_atomic)
 from ssl_runtime.cpu_layout import AUTO_WORKERS, lay_out  # noqa: E402
-from ssl_runtime.data import (SafeImageFolder, build_loader, limit_images, resolve_data_path,  # noqa: E402
-                              set_loader_epoch)
+from ssl_runtime.data import (SafeImageFolder, build_loader, check_same_classes, limit_images,  # noqa: E402
+                              resolve_data_path, set_loader_epoch)
 from ssl_runtime.device import add_device_arg, compile_module  # noqa: E402
 from ssl_runtime.distributed import (DistContext, add_launcher_args, convert_sync_batchnorm,  # noqa: E402
                                      init_distributed, unwrap, wrap_ddp)
@@ -214,9 +215,11 @@ def build_knn_probe(args, data_folder: Path, ctx: DistContext) -> KnnProbe | Non
         raise UserError(f"--knn_every needs labelled validation images in {val_folder} (beside the "
                         f"training folder {data_folder}): add them, or leave --knn_every at 0")
     transform = eval_transform(args.img_size)
-    return KnnProbe(SafeImageFolder(data_folder, transform=transform),
-                    SafeImageFolder(val_folder, transform=transform), args.knn_every, ctx,
-                    args.batch_size_per_gpu, args.num_workers, args.seed)
+    train_set = SafeImageFolder(data_folder, transform=transform)
+    val_set = SafeImageFolder(val_folder, transform=transform)
+    check_same_classes(train_set, val_set)
+    return KnnProbe(train_set, val_set, args.knn_every, ctx, args.batch_size_per_gpu, args.num_workers,
+                    args.seed)
 
 
 # ---------------------------------------------------------------- one optimisation step's pieces
@@ -396,6 +399,9 @@ def restart_from_checkpoint(output_dir: Path, student, teacher, optimizer, mp, d
         return 0, 0
     checkpoint, path = found
     print(f"Found checkpoint at {path}")
+    require_entries(checkpoint, path, ("student", "teacher", "optimizer", "dino_loss", "epoch"),
+                    "it is not a training checkpoint of main_dino.py; move it out of --output_dir, or "
+                    "choose another --output_dir")
     load_training_state(unwrap(student), checkpoint["student"], f"'student' in {path}")
     load_training_state(teacher, checkpoint["teacher"], f"'teacher' in {path}")
     try:
@@ -467,7 +473,7 @@ def train_dino(args: argparse.Namespace) -> None:
     args.num_workers, layout = lay_out(args.num_workers, ctx.device_type, UPSTREAM_WORKERS, args.batched_aug)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     print(layout)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(args.output_dir)
 
     # ============ data ============
     transform = build_dino_augmentation(args.global_crops_scale, args.local_crops_scale,

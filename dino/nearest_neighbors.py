@@ -21,7 +21,7 @@ import argparse  # noqa: E402
 from dino.augment import eval_transform  # noqa: E402
 from dino.checkpoints import add_pretrained_args, build_eval_backbone  # noqa: E402
 from dino.models import canonical_arch, is_vit  # noqa: E402
-from ssl_runtime.data import SafeImageFolder, limit_images, resolve_data_path  # noqa: E402
+from ssl_runtime.data import SafeImageFolder, check_same_classes, limit_images, resolve_data_path  # noqa: E402
 from ssl_runtime.device import add_device_arg  # noqa: E402
 from ssl_runtime.distributed import single_process_context  # noqa: E402
 from ssl_runtime.errors import UserError, main_entry  # noqa: E402
@@ -55,6 +55,7 @@ def main_nn(args: argparse.Namespace):
     transform = eval_transform(args.img_size)
     train_set = limit_images(SafeImageFolder(root / "train", transform=transform), args.max_train_images)
     val_set = SafeImageFolder(root / "val", transform=transform)
+    check_same_classes(train_set, val_set)
     model = build_eval_backbone(args)
     return write_neighbour_grid(model, train_set, val_set, ctx, args, args.batch_size_per_gpu,
                                 args.num_workers)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from yacs.config import CfgNode
 
-from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, save_atomic
+from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, require_entries, save_atomic
 from ssl_runtime.errors import UserError
 from ssl_runtime.resilience import rng_state
 
@@ -29,10 +29,12 @@ ENCODER_PREFIXES = ("encoder.", "encoder_k.")
 TRUST_FLAG = "--trust-checkpoint"  # MODEL.TRUST_CHECKPOINT
 
 
-def read_checkpoint(path: str | Path, trust: bool = False):
-    """A checkpoint through the safe loader (see ssl_runtime.checkpoint.load_checkpoint);
+def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    """A checkpoint (a dict) through the safe loader (see ssl_runtime.checkpoint.load_checkpoint);
     `trust` (--trust-checkpoint, MODEL.TRUST_CHECKPOINT) also reads files it refuses."""
-    return load_checkpoint(path, trust=trust, trust_flag=TRUST_FLAG)
+    checkpoint = load_checkpoint(path, trust=trust, trust_flag=TRUST_FLAG)
+    return require_entries(checkpoint, path, (), "pass a MoBY checkpoint (checkpoint.pth, ckpt_epoch_N.pth) "
+                                                 "or an encoder exported by moby/export.py")
 
 
 def save_checkpoint(config: CfgNode, epoch: int, model: torch.nn.Module, max_accuracy: float,
@@ -134,8 +136,8 @@ def resume(config: CfgNode, model: torch.nn.Module, optimizer: torch.optim.Optim
     logger.info(f"==============> Resuming form {config.MODEL.RESUME}....................")
     if checkpoint is None:
         checkpoint = read_checkpoint(config.MODEL.RESUME, config.MODEL.TRUST_CHECKPOINT)
-    if "model" not in checkpoint:
-        raise UserError(f"{config.MODEL.RESUME} has no 'model' entry: it is not a MoBY checkpoint")
+    require_entries(checkpoint, config.MODEL.RESUME, ("model",),
+                    "it is not a MoBY checkpoint: resume from checkpoint.pth or ckpt_epoch_N.pth of a run")
     official = is_official_checkpoint(checkpoint)
     state = from_upstream_layout(checkpoint["model"], model)
     load_state_dict_checked(model, state, f"checkpoint {config.MODEL.RESUME}")

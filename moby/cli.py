@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from yacs.config import CfgNode
 
 from ssl_runtime.augment import use_batched
-from ssl_runtime.checkpoint import add_trust_arg
+from ssl_runtime.checkpoint import add_trust_arg, prepare_output_dir
 from ssl_runtime.cpu_layout import lay_out
 from ssl_runtime.device import add_device_arg
 from ssl_runtime.distributed import DistContext, add_launcher_args, init_distributed
@@ -89,18 +88,25 @@ def start_run(config: CfgNode, args: argparse.Namespace, pretraining: bool = Fal
     evaluations' transforms are light, so on CPU they load in the main process."""
     ctx = init_distributed(config.DEVICE, args.local_rank, args.dist_url)
     batched = pretraining and use_batched(config.AUG.BATCHED, ctx.device_type)
-    workers, layout = lay_out(config.DATA.NUM_WORKERS, ctx.device_type, UPSTREAM_WORKERS,
-                              light_pipeline=batched or not pretraining)
-    set_values(config, LOCAL_RANK=ctx.local_rank, **{"AUG.BATCHED": batched, "DATA.NUM_WORKERS": workers})
+    set_values(config, LOCAL_RANK=ctx.local_rank, **{"AUG.BATCHED": batched})
+    layout = resolve_workers(config, ctx.device_type, light_pipeline=batched or not pretraining)
     if ctx.is_main:
         print(layout, flush=True)
     seed_everything(config.SEED + ctx.rank)
     return ctx
 
 
+def resolve_workers(config: CfgNode, device_type: str, light_pipeline: bool) -> str:
+    """DATA.NUM_WORKERS -1 (automatic, the default) becomes a worker count (see
+    ssl_runtime.cpu_layout); returns the layout's line for the log."""
+    workers, layout = lay_out(config.DATA.NUM_WORKERS, device_type, UPSTREAM_WORKERS, light_pipeline)
+    set_values(config, **{"DATA.NUM_WORKERS": workers})
+    return layout
+
+
 def open_output(config: CfgNode, ctx: DistContext) -> logging.Logger:
     """Create the output folder, the logger (log_rank{r}.txt) and, on rank 0, config.json."""
-    os.makedirs(config.OUTPUT, exist_ok=True)
+    prepare_output_dir(config.OUTPUT, "--output")
     logger = setup_logger(config.MODEL.NAME, config.OUTPUT, rank=ctx.rank)
     if ctx.is_main:
         path = save_config(config, config.OUTPUT)

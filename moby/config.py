@@ -47,7 +47,8 @@ _C.MODEL.NAME = "swin_tiny_patch4_window7_224"
 _C.MODEL.RESUME = ""
 # (ours) --trust-checkpoint: read checkpoints the safe (weights-only) loader refuses, such as
 # upstream's (they hold the yacs config object) or this project's before it wrote plain values,
-# with the full unpickler, which runs any code the file carries. Only for files you trust.
+# with the full unpickler, which runs any code the file carries. Only for files you trust. Set
+# from that flag alone: refused in YAML files and --opts.
 _C.MODEL.TRUST_CHECKPOINT = False
 _C.MODEL.NUM_CLASSES = 1000  # replaced by the dataset's class count
 _C.MODEL.DROP_RATE = 0.0
@@ -197,21 +198,44 @@ def _explain_merge_error(exc: Exception, source: str) -> UserError:
     return UserError(f"bad config value in {source}: {text}")
 
 
-def merge_yaml(config: CN, cfg_file: str | os.PathLike) -> None:
-    """Merge a YAML file into config, after the files listed in its BASE (as upstream)."""
+TRUST_KEY = "MODEL.TRUST_CHECKPOINT"
+
+
+def _refuse_trust(source: str) -> UserError:
+    """Trust in a checkpoint (the unpickler that runs code) comes from the command line only: a
+    config file, possibly inherited or shared, must not be able to switch it on."""
+    return UserError(f"{TRUST_KEY} is set in {source}: trusting a checkpoint (reading it with the "
+                     "unpickler that runs code stored in it) is a command-line choice only. Remove "
+                     "the key and pass --trust-checkpoint for a file you trust")
+
+
+def merge_yaml(config: CN, cfg_file: str | os.PathLike, _inheriting: tuple[Path, ...] = ()) -> None:
+    """Merge a YAML file into config, after the files listed in its BASE (as upstream).
+    `_inheriting`: the files whose BASE led here, to name a cycle instead of recursing forever."""
     path = Path(cfg_file)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist: pass --cfg configs/<name>.yaml")
+    chain = (*_inheriting, path.resolve())
+    if path.resolve() in _inheriting:
+        raise UserError(f"config file {path} inherits from itself through BASE "
+                        f"({' -> '.join(p.name for p in chain)}): remove the cycle")
     try:
-        with open(path) as f:
-            content = yaml.safe_load(f) or {}
+        content = yaml.safe_load(path.read_bytes().decode("utf-8-sig")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                        f"offset {exc.start}): save it with UTF-8 encoding") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path} ({exc.strerror or exc})") from None
     if not isinstance(content, dict):
         raise UserError(f"config file {path} must hold a mapping of KEY: value pairs")
+    model = content.get("MODEL")
+    if isinstance(model, dict) and model.get("TRUST_CHECKPOINT", False) is not False:
+        raise _refuse_trust(f"config file {path}")  # (False, as config.json records it, is harmless)
     for base in content.get("BASE", [""]) or []:
         if base:
-            merge_yaml(config, path.parent / base)
+            merge_yaml(config, path.parent / base, chain)
     config.defrost()
     try:
         config.merge_from_other_cfg(CN(content))
@@ -225,6 +249,8 @@ def merge_opts(config: CN, opts: list[str] | None) -> None:
         return
     if len(opts) % 2:
         raise UserError(f"--opts needs KEY VALUE pairs, got an odd number of items: {' '.join(opts)}")
+    if TRUST_KEY in opts[::2]:
+        raise _refuse_trust("--opts")
     config.defrost()
     try:
         config.merge_from_list(list(opts))
@@ -365,6 +391,7 @@ def config_from_checkpoint(stored, source: str) -> CN:
         config.merge_from_other_cfg(CN(stored))
     except (KeyError, ValueError, AssertionError) as exc:
         raise _explain_merge_error(exc, source) from exc
+    config.MODEL.TRUST_CHECKPOINT = False  # a run made with --trust-checkpoint stores True: not ours
     config.freeze()
     return config
 

@@ -19,7 +19,7 @@ from yacs.config import CfgNode
 
 from ssl_runtime import device as devices
 from ssl_runtime.augment import BatchedViews, ViewSpec, views_to_device
-from ssl_runtime.data import SafeImageFolder, limit_images, resolve_data_path
+from ssl_runtime.data import SafeImageFolder, check_same_classes, limit_images, resolve_data_path
 from ssl_runtime.distributed import DistContext
 from ssl_runtime.errors import UserError
 
@@ -170,9 +170,7 @@ def build_labelled_datasets(config: CfgNode, train_transform: Callable,
     root = dataset_root(config, ("train", "val"))
     train = train_folder(config, root, train_transform)
     val = SafeImageFolder(root / "val", transform=val_transform or eval_transform(config))
-    if train.classes != val.classes:
-        raise UserError(f"train/ and val/ under {root} have different class folders: "
-                        f"{len(train.classes)} vs {len(val.classes)}; they must match")
+    check_same_classes(train, val)
     return train, val
 
 

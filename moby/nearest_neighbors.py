@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import logging  # noqa: E402
 import os  # noqa: E402
 
-from moby.cli import base_parser, parse_config  # noqa: E402
+from moby.cli import base_parser, parse_config, resolve_workers  # noqa: E402
 from moby.data import BICUBIC, build_labelled_datasets, eval_transform  # noqa: E402
 from moby.eval_knn import load_encoder  # noqa: E402
 from ssl_runtime.distributed import single_process_context  # noqa: E402
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(config.SEED)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logger = logging.getLogger("moby.nearest_neighbors")
+    logger.info(resolve_workers(config, ctx.device_type, light_pipeline=True))  # resize and crop only
     encoder = load_encoder(config, args.pretrained or os.path.join(config.OUTPUT, "checkpoint.pth"),
                            args.checkpoint_key, logger)
     transform = eval_transform(config, interpolation=BICUBIC)

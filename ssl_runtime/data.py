@@ -22,8 +22,12 @@ from .errors import UserError
 from .resilience import PerSampleSeeded, ResumableSampler
 
 MAX_BAD_FRACTION = 0.01  # more unreadable images than this is a broken dataset, not bad luck
-MIN_SEEN_FOR_RATIO = 200  # judge the fraction only once enough images have been tried
+MIN_SEEN_FOR_RATIO = 200  # until this many images were tried, the fraction is of this many
 MAX_CONSECUTIVE_BAD = 50
+# Pillow's raster formats of the files ImageFolder accepts (.jpg .jpeg .png .ppm .bmp .pgm .tif
+# .tiff .webp) plus GIF. Pillow picks a format by the file's content, not its name: unrestricted, a
+# PostScript file named .png would be handed to Ghostscript (an interpreter).
+RASTER_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP", "GIF")
 
 
 def default_dataset_root() -> Path:
@@ -67,9 +71,10 @@ def resolve_data_path(path: str | os.PathLike | None, need: Sequence[str] = ("tr
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open any PIL-readable image as 8-bit RGB (grayscale, palette, CMYK and 16-bit included)."""
+    """Open a raster image (RASTER_FORMATS) as 8-bit RGB (grayscale, palette, CMYK and 16-bit
+    included); any other content raises UnidentifiedImageError, as an unreadable file does."""
     with open(path, "rb") as handle:
-        image = Image.open(handle)
+        image = Image.open(handle, formats=RASTER_FORMATS)
         image.load()
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # convert('RGB') would clip 16-bit / float values; rescale to 0..255 first
@@ -78,6 +83,12 @@ def load_rgb(path: str) -> Image.Image:
         scaled = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
         image = Image.fromarray(scaled.astype(np.uint8), mode="L")
     return image.convert("RGB")
+
+
+def printable(text: str) -> str:
+    """`text` with what a strict UTF-8 stream cannot write (a file name's non-UTF-8 bytes, which
+    Python holds as surrogates) as backslash escapes, e.g. \\xff."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 class SafeImageFolder(ImageFolder):
@@ -130,12 +141,30 @@ class SafeImageFolder(ImageFolder):
     def _record_bad(self, path: str, exc: Exception) -> None:
         self.bad_files.add(path)
         reason = (str(exc).splitlines() or [type(exc).__name__])[0].split(" <_io")[0][:120]
-        print(f"warning: skipping unreadable image {path} ({reason}); "
-              f"{len(self.bad_files)} skipped so far", flush=True)
-        if self.tried >= MIN_SEEN_FOR_RATIO and len(self.bad_files) > self.max_bad_fraction * self.tried:
-            raise UserError(f"{len(self.bad_files)} of {self.tried} images could not be read "
-                            f"(more than {self.max_bad_fraction:.0%}) under {self.root}: "
-                            "the dataset looks broken; check or re-extract it")
+        print(printable(f"warning: skipping unreadable image {path} ({reason}); "
+                        f"{len(self.bad_files)} skipped so far"), flush=True)
+        # Until MIN_SEEN_FOR_RATIO images were tried the fraction is of that many, so a small dataset
+        # (or the start of any) stops at its third unreadable image instead of training on the
+        # readable ones repeated; from then on it is the fraction of the images tried.
+        if len(self.bad_files) > self.max_bad_fraction * max(self.tried, MIN_SEEN_FOR_RATIO):
+            raise UserError(f"{len(self.bad_files)} of {self.tried} images could not be read under "
+                            f"{self.root} (at most {self.max_bad_fraction:.0%} of the images tried, "
+                            f"counted as at least {MIN_SEEN_FOR_RATIO}, may be): the dataset looks "
+                            "broken; check or re-extract it")
+
+
+def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:
+    """Labels are indices into the sorted class folders, so train/ and val/ must hold the same
+    folders: one missing or extra folder shifts every later label and the accuracy is silently
+    wrong (0 % instead of 100 % on identical images)."""
+    if train.classes == val.classes:
+        return
+    only_train = sorted(set(train.classes) - set(val.classes))
+    only_val = sorted(set(val.classes) - set(train.classes))
+    raise UserError(f"{train.root} and {val.root} have different class folders ({len(train.classes)} vs "
+                    f"{len(val.classes)}; only in train/: {only_train[:5] or 'none'}, only in val/: "
+                    f"{only_val[:5] or 'none'}): labels are class-folder indices, so they must match. "
+                    "Give both the same class folders (an empty folder is allowed)")
 
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, ctx: DistContext,

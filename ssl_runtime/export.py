@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import save_atomic
+from .checkpoint import atomic_file, save_atomic
 from .errors import UserError
 from .timm_interop import TimmSpec
 
@@ -54,15 +54,12 @@ def write_backbone(tensors: dict[str, torch.Tensor], output: str | os.PathLike, 
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_file(path) as handle:
+            handle.write(save(tensors, metadata=metadata))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {path} ({exc}): free disk space or choose another "
                         "--output") from exc
 

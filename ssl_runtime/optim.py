@@ -98,6 +98,23 @@ def _with_fastest_kernel(optimizer_class, param_groups, device_type: str, **kwar
     return optimizer_class(param_groups, **kwargs)
 
 
+def _start_missing_momentum(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Give a zero momentum buffer to each parameter stepping for the first time in a group whose
+    other parameters already have one (DINO's last layer after its freeze_last_layer epochs, skipped
+    with grad None until then): torch's fused SGD accepts a group only when all or none of its
+    buffers exist (TypeError in torch._fused_sgd_ otherwise). With dampening 0 the first update is
+    then momentum * 0 + grad = grad, exactly the buffer torch's other SGD kernels start from."""
+    for group in optimizer.param_groups:
+        if not group["momentum"] or group["dampening"]:
+            continue
+        stepping = [p for p in group["params"] if p.grad is not None]
+        started = [optimizer.state[p].get("momentum_buffer") is not None for p in stepping]
+        if any(started) and not all(started):
+            for p, has_buffer in zip(stepping, started):
+                if not has_buffer:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+
 def npu_fused_adamw_class():
     """torch_npu.optim.NpuFusedAdamW, or a UserError saying why it is not there."""
     try:
@@ -125,8 +142,10 @@ def build_optimizer(name: str, param_groups, device_type: str, lr: float = 0.0,
         return npu_fused_adamw_class()(list(param_groups), lr=lr, betas=betas, eps=eps,
                                        weight_decay=weight_decay)
     if name == "sgd":
-        return _with_fastest_kernel(torch.optim.SGD, param_groups, device_type, lr=lr, momentum=momentum,
-                                    nesterov=nesterov, weight_decay=weight_decay)
+        sgd = _with_fastest_kernel(torch.optim.SGD, param_groups, device_type, lr=lr, momentum=momentum,
+                                   nesterov=nesterov, weight_decay=weight_decay)
+        sgd.register_step_pre_hook(_start_missing_momentum)
+        return sgd
     if name == "lars":
         return LARS(param_groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
     raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")

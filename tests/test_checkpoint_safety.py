@@ -12,6 +12,8 @@ import argparse
 import logging
 import os
 import pickle
+import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from moby.backbones import build_encoder
 from moby.checkpoint import from_upstream_layout, load_pretrained_encoder, to_upstream_layout
 from moby.config import config_from_checkpoint
 from moby.model import build_moby
-from ssl_runtime.checkpoint import UntrustedCheckpoint, load_checkpoint, unsafe_globals
+from ssl_runtime.checkpoint import UntrustedCheckpoint, load_checkpoint, pickle_concern, unsafe_globals
 from tests.conftest import run_entry_quietly
 from tests.test_moby_train import CPU_CFG, NAME, TINY
 
@@ -151,6 +153,59 @@ def test_planted_checkpoint_is_refused_by_every_entry_point(name, entry, argv, f
     assert not marker.exists()
 
 
+WRONG_FILES = {"a list": [torch.ones(2), 3], "a dict of other entries": {"weights": torch.ones(2), "step": 3}}
+
+
+@pytest.mark.parametrize("kind", list(WRONG_FILES))
+@pytest.mark.parametrize("name, entry, argv, flag", ENTRY_POINTS, ids=[e[0] for e in ENTRY_POINTS])
+def test_a_file_holding_something_else_is_a_one_line_error(name, entry, argv, flag, kind, tmp_path,
+                                                           tiny_imagefolder, capsys):
+    """Raw KeyError ('student', 'state_dict'), TypeError or AttributeError (a list) before."""
+    path = tmp_path / "other.pth"
+    torch.save(WRONG_FILES[kind], path)
+    with pytest.raises(SystemExit) as info:
+        run_entry_quietly(entry, argv(path, tiny_imagefolder, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and err.startswith("error: "), err
+
+
+@pytest.mark.parametrize("entry, argv", [
+    (dino_knn.main, lambda path, data: DINO_ARCH + ["--pretrained_weights", str(path), "--data_path", str(data),
+                                                    "--num_workers", "0"]),
+    (moby_knn.main, lambda path, data: moby_args(data, data.parent / "out", "--pretrained", str(path)))])
+def test_truncated_safetensors_and_pickles_named_safetensors(entry, argv, tmp_path, tiny_imagefolder, capsys):
+    """Both reached safetensors' own reader (torch.load also picks it by the name): SafetensorError."""
+    whole = tmp_path / "whole.safetensors"
+    save_file({"w": torch.ones(64)}, whole)
+    (tmp_path / "truncated.safetensors").write_bytes(whole.read_bytes()[:-100])
+    torch.save({"w": torch.ones(2)}, tmp_path / "pickle.safetensors")
+    for name, message in (("truncated", "is truncated or corrupt"),
+                          ("pickle", "is named .safetensors but is not a safetensors file")):
+        with pytest.raises(SystemExit) as info:
+            run_entry_quietly(entry, argv(tmp_path / f"{name}.safetensors", tiny_imagefolder))
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and "Traceback" not in err
+
+
+MOBY_TRUSTING = [("main_moby", main_moby.main, ("--resume",)),
+                 ("main_linear", main_linear.main, ("--pretrained",)),
+                 ("eval_knn", moby_knn.main, ("--pretrained",))]
+
+
+@pytest.mark.parametrize("name, entry, flag", MOBY_TRUSTING, ids=[e[0] for e in MOBY_TRUSTING])
+def test_a_config_file_cannot_switch_trust_on(name, entry, flag, tmp_path, tiny_imagefolder, capsys):
+    marker = tmp_path / "marker"
+    evil = plant(tmp_path / "evil.pth", marker)
+    cfg = tmp_path / "trusting.yaml"
+    cfg.write_text(f"BASE: ['{CPU_CFG}']\nMODEL:\n  TRUST_CHECKPOINT: True\n")
+    argv = moby_args(tiny_imagefolder, tmp_path / "out", *flag, str(evil))
+    argv[argv.index(CPU_CFG)] = str(cfg)
+    with pytest.raises(SystemExit) as info:
+        run_entry_quietly(entry, argv)
+    assert info.value.code == 2 and not marker.exists()
+    assert f"MODEL.TRUST_CHECKPOINT is set in config file {cfg}" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- the scanner
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -164,6 +219,73 @@ def test_unsafe_globals_are_named_without_unpickling(tmp_path, protocol, zipped)
     with pytest.raises(UntrustedCheckpoint):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+def with_data_pkl(path: Path, pickled: bytes) -> Path:
+    """A torch.save zip whose data.pkl is replaced by `pickled`."""
+    torch.save({"w": torch.ones(1)}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, pickled if name.endswith("/data.pkl") else data)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_weak_torch_check_never_sees_a_refused_file(tmp_path, monkeypatch, zipped):
+    """torch's weights-only check could be bypassed before torch 2.6 (CVE-2025-32434): stand-in, a
+    torch.load that ignores weights_only. The file is refused by our scan before it gets there."""
+    marker = tmp_path / "marker"
+    torch.save({"model": Planted(marker)}, tmp_path / "evil.pth", _use_new_zipfile_serialization=zipped)
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: real_load(*a, **{**kw, "weights_only": False}))
+    with pytest.raises(UntrustedCheckpoint, match=PLANTED_CALL):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_legacy_format_is_refused_even_when_it_holds_only_tensors(tmp_path, capsys):
+    path = tmp_path / "legacy.pth"
+    torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(UntrustedCheckpoint, match=r"legacy \(non-zip\) format.*pass --trust_checkpoint"):
+        load_checkpoint(path)
+    assert torch.equal(load_checkpoint(path, trust=True)["w"], torch.arange(3.0))
+    assert "legacy (non-zip) format" in capsys.readouterr().out  # the warning
+
+
+def test_every_import_opcode_is_checked(tmp_path):
+    """INST (protocol 0) imports and calls like GLOBAL + REDUCE; torch's zip reader takes any
+    pickle in data.pkl. Extension codes import through copyreg's registry."""
+    marker = tmp_path / "marker"
+    inst = with_data_pkl(tmp_path / "inst.pth", b"(S'" + str(marker).encode() + b"'\ni"
+                         + PLANTED_CALL.replace(".", "\n").encode() + b"\n.")
+    with pytest.raises(UntrustedCheckpoint, match=rf"\({PLANTED_CALL}\)"):
+        load_checkpoint(inst)
+    ext = with_data_pkl(tmp_path / "ext.pth", b"\x80\x02\x82\x07)R.")  # EXT1 7, (), REDUCE
+    with pytest.raises(UntrustedCheckpoint, match="extension code 7"):
+        load_checkpoint(ext)
+    assert not marker.exists()
+
+
+def test_torchscript_archives_are_refused(tmp_path):
+    """torch.load hands a TorchScript archive to torch.jit.load (torch 2.1 even under weights_only)."""
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "scripted.pth")
+    with pytest.raises(UntrustedCheckpoint, match="TorchScript archive"):
+        load_checkpoint(tmp_path / "scripted.pth")
+
+
+def test_what_the_scan_allows_is_what_our_writers_and_official_weights_need(tmp_path):
+    tensors = {str(dtype): torch.zeros(2, dtype=dtype) for dtype in (
+        torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+        torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64)}
+    torch.save({"model": OrderedDict(tensors), "p": torch.nn.Parameter(torch.ones(2)), "epoch": 3,
+                "args": {"lr": 0.1, "sizes": (1, 2)}}, tmp_path / "ok.pth")
+    assert pickle_concern(tmp_path / "ok.pth") is None
+    loaded = load_checkpoint(tmp_path / "ok.pth")
+    assert all(loaded["model"][k].dtype == v.dtype for k, v in tensors.items()) and loaded["epoch"] == 3
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

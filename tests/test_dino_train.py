@@ -16,7 +16,9 @@ from PIL import Image
 from dino import eval_knn, eval_linear, main_dino, visualize_attention
 from ssl_runtime import report
 from ssl_runtime.checkpoint import load_checkpoint
-from tests.conftest import make_imagefolder
+from ssl_runtime.optim import OPTIMIZERS
+from tests.conftest import make_imagefolder, run_entry_quietly
+from tests.test_accelerator_paths import fake_torch_npu  # noqa: F401 (a fixture: torch_npu's double)
 
 ARCH = ["--arch", "vit_pico", "--patch_size", "4", "--img_size", "32", "--device", "cpu"]
 TRAIN = ARCH + ["--local_crop_size", "16", "--local_crops_number", "2", "--out_dim", "64",
@@ -166,3 +168,26 @@ def test_max_train_images_uses_a_fixed_subset(tmp_path, tiny_imagefolder, capsys
                             "--epochs", "1", "--max_train_images", "8"])
     text = capsys.readouterr().out
     assert "there are 8 images" in text and "Epoch: [0/1]  [0/2]" in text
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_crosses_the_frozen_epoch_straight_and_on_resume(fake_torch_npu, tmp_path,
+                                                                         tiny_imagefolder, optimizer):
+    """--freeze_last_layer 1, 6 steps per epoch: a straight 2-epoch run, and the same run stopped
+    after 3 and 6 steps and resumed each time, end with the same weights. (sgd crashed in
+    torch._fused_sgd_ at the first step after the freeze; npufusedadamw: torch_npu's test double.)"""
+    train = TRAIN + ["--data_path", str(tiny_imagefolder), "--optimizer", optimizer, "--epochs", "2",
+                     "--freeze_last_layer", "1", "--lr", "0.01"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_entry_quietly(main_dino.main, train + ["--output_dir", str(straight)])
+    students = []
+    for steps in (["--num_steps", "3"], ["--num_steps", "3"], []):
+        run_entry_quietly(main_dino.main, train + ["--output_dir", str(resumed), *steps])
+        students.append(load_checkpoint(resumed / "checkpoint.pth")["student"])
+    last = [key for key in students[0] if "last_layer" in key and "weight_g" not in key]
+    assert last and all(torch.equal(students[0][k], students[1][k]) for k in last), "moved while frozen"
+    assert all(not torch.equal(students[1][k], students[2][k]) for k in last), "not trained after the freeze"
+    final = load_checkpoint(straight / "checkpoint.pth")
+    assert final["epoch"] == 2
+    for key, value in final["student"].items():
+        assert torch.equal(value, students[2][key]), key

@@ -109,6 +109,47 @@ def test_unknown_key_and_bad_pairs_in_opts():
         get_config(args_for(CONFIGS / "moby_swin_cpu.yaml", opts=["TRAIN.EPOCHS", "'many'"]))
 
 
+def test_trust_comes_from_the_command_line_only(tmp_path):
+    """MODEL.TRUST_CHECKPOINT switches on the unpickler that runs code: refused in a YAML file (also
+    one inherited through BASE) and in --opts; the flag still sets it. False (as config.json
+    records a run without the flag) changes nothing and is accepted."""
+    (tmp_path / "trusting.yaml").write_text(f"BASE: ['{CONFIGS / 'moby_swin_cpu.yaml'}']\n"
+                                            "MODEL:\n  TRUST_CHECKPOINT: True\n")
+    (tmp_path / "child.yaml").write_text("BASE: ['trusting.yaml']\n")
+    for name in ("trusting.yaml", "child.yaml"):
+        with pytest.raises(UserError, match=r"MODEL.TRUST_CHECKPOINT is set in config file .*trusting.yaml: "
+                                            r".* pass --trust-checkpoint"):
+            get_config(args_for(tmp_path / name))
+    for value in ("True", "False"):
+        with pytest.raises(UserError, match=r"MODEL.TRUST_CHECKPOINT is set in --opts"):
+            get_config(args_for(CONFIGS / "moby_swin_cpu.yaml", opts=["MODEL.TRUST_CHECKPOINT", value]))
+    assert get_config(args_for(CONFIGS / "moby_swin_cpu.yaml", trust_checkpoint=True)).MODEL.TRUST_CHECKPOINT
+    saved = save_config(get_config(args_for(CONFIGS / "moby_swin_cpu.yaml")), tmp_path)
+    assert "TRUST_CHECKPOINT: false" in saved.read_text()
+    assert get_config(args_for(saved)).MODEL.TRUST_CHECKPOINT is False
+
+
+def test_base_cycles_and_non_utf8_files_are_named(tmp_path):
+    """A RecursionError and a UnicodeDecodeError before."""
+    (tmp_path / "self.yaml").write_text("BASE: ['self.yaml']\n")
+    (tmp_path / "a.yaml").write_text("BASE: ['b.yaml']\n")
+    (tmp_path / "b.yaml").write_text("BASE: ['a.yaml']\n")
+    with pytest.raises(UserError, match=r"self.yaml inherits from itself through BASE \(self.yaml -> self.yaml\)"):
+        get_config(args_for(tmp_path / "self.yaml"))
+    with pytest.raises(UserError, match=r"a.yaml inherits from itself through BASE \(a.yaml -> b.yaml -> a.yaml\)"):
+        get_config(args_for(tmp_path / "a.yaml"))
+    (tmp_path / "diamond.yaml").write_text("BASE: ['left.yaml', 'right.yaml']\n")
+    for side in ("left", "right"):
+        (tmp_path / f"{side}.yaml").write_text("BASE: ['root.yaml']\n")
+    (tmp_path / "root.yaml").write_text("TRAIN:\n  EPOCHS: 7\n")
+    assert get_config(args_for(tmp_path / "diamond.yaml")).TRAIN.EPOCHS == 7  # shared, not a cycle
+    (tmp_path / "latin1.yaml").write_bytes("TAG: 'caf\u00e9'\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.yaml is not UTF-8 text \(byte 0xe9 at offset 9\)"):
+        get_config(args_for(tmp_path / "latin1.yaml"))
+    (tmp_path / "utf8.yaml").write_bytes("TAG: 'caf\u00e9'\n".encode("utf-8-sig"))  # with a byte-order mark
+    assert get_config(args_for(tmp_path / "utf8.yaml")).TAG == "caf\u00e9"
+
+
 def test_missing_config_file_and_zip_refused(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         get_config(args_for(tmp_path / "nope.yaml"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moby import eval_knn, main_linear, main_moby
+from moby import eval_knn, main_linear, main_moby, nearest_neighbors
 from ssl_runtime import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +148,15 @@ def test_linear_and_knn_evaluation(tiny_imagefolder, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "auto resuming from" in out and "20-NN classifier result: Top1: " in out
     assert "Start self-supervised pre-training" not in out
+
+    # the picture of nearest neighbours with the shipped configs' DATA.NUM_WORKERS -1 (automatic)
+    automatic = [item for key, value in zip(TINY[::2], TINY[1::2]) if key != "DATA.NUM_WORKERS"
+                 for item in (key, value)]
+    png = tmp_path / "nn.png"
+    nearest_neighbors.main(["--cfg", CPU_CFG, "--data-path", str(tiny_imagefolder), "--output", str(tmp_path),
+                            "--tag", "t", "--device", "cpu", "--num_queries", "2", "--k", "3",
+                            "--png", str(png), "--opts", *automatic])
+    assert png.is_file()
 
 
 def test_user_errors_exit_with_code_2(tiny_imagefolder, tmp_path, capsys):

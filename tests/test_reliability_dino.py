@@ -5,6 +5,8 @@ from __future__ import annotations
 import builtins
 import errno
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dino import eval_knn, main_dino
+from dino import eval_knn, eval_linear, main_dino, nearest_neighbors
 from ssl_runtime import checkpoint as ckpt_io
 from ssl_runtime.checkpoint import load_checkpoint, previous_path
 from tests.conftest import make_imagefolder
@@ -128,7 +130,60 @@ def test_full_disk_while_saving_keeps_the_last_checkpoint(tmp_path, tiny_imagefo
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def read_only_mounts_work(folder: Path) -> bool:
+    """A read-only file system mounted by this user (a user and mount namespace, no privileges)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs '{folder}'"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+def test_a_read_only_output_folder_stops_at_start(tmp_path, tiny_imagefolder):
+    """It trained a whole epoch, then died with a raw OSError raised by the cleanup of the failed save."""
+    out = tmp_path / "read_only"
+    out.mkdir()
+    if not read_only_mounts_work(out):
+        pytest.skip("unshare cannot mount a read-only file system here")
+    mount_then_run = 'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"'
+    result = run(["unshare", "-rm", "sh", "-c", mount_then_run, str(out),
+                  *command(tiny_imagefolder, out, "--epochs", "1", "--num_workers", "0")])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: cannot write into the output folder {out} (Read-only file system): choose another " \
+           "--output_dir" in result.stderr
+    assert "Epoch: [0/1]" not in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("entry", ["main_dino", "eval_linear"])
+def test_an_output_folder_under_a_file_is_a_one_line_error(tmp_path, tiny_imagefolder, entry, capsys):
+    (tmp_path / "file").write_text("x")
+    argv = {"main_dino": (main_dino.main, TRAIN + ["--epochs", "1", "--num_workers", "0"]),
+            "eval_linear": (eval_linear.main, ARCH + ["--num_workers", "0", "--n_last_blocks", "2"])}
+    main, args = argv[entry]
+    with pytest.raises(SystemExit) as info:
+        main(args + ["--data_path", str(tiny_imagefolder), "--output_dir", str(tmp_path / "file" / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "cannot write into the output folder" in err and "Traceback" not in err
+
+
+def test_a_rerun_removes_the_temporary_file_of_a_killed_write(tmp_path, tiny_imagefolder, capsys):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # a writer that is gone
+    child.wait()
+    stale = tmp_path / f".checkpoint.pth.tmp-{child.pid}"
+    stale.write_bytes(b"half a checkpoint")
+    main_dino.main(TRAIN + ["--data_path", str(tiny_imagefolder), "--output_dir", str(tmp_path),
+                            "--epochs", "1", "--num_workers", "0"])
+    assert not stale.exists() and f"removed {stale}, left by a checkpoint write that was killed" in \
+        capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob(".*")) == []
+
+
 # ---------------------------------------------------------------- 3. bad data
+
+# Unreadable files the tiny datasets hold: up to 2 are skipped, a third stops the run (the 1 % of
+# at least 200 images). Empty files are in tests/test_runtime_data.py.
+BROKEN = ("truncated.jpg", "postscript.png")
+
 
 def write_odd_images(train: Path) -> None:
     """Convertible images of every odd mode, and broken files, next to the normal ones."""
@@ -140,8 +195,7 @@ def write_odd_images(train: Path) -> None:
     rgb.convert("P").save(odd / "palette.png")
     rgb.save(odd / "full.jpg")
     (odd / "truncated.jpg").write_bytes((odd / "full.jpg").read_bytes()[:200])
-    (odd / "empty.jpg").write_bytes(b"")
-    (odd / "text.jpg").write_text("not an image")
+    (odd / "postscript.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
     (train / "class_empty").mkdir()
 
 
@@ -153,7 +207,7 @@ def test_odd_and_broken_images_train_with_warnings(tmp_path, workers, capfd):
         main_dino.main(TRAIN + ["--data_path", str(data), "--output_dir", str(tmp_path / "out"),
                                 "--epochs", "1", "--num_workers", workers])
     out, _ = capfd.readouterr()
-    for name in ("truncated.jpg", "empty.jpg", "text.jpg"):
+    for name in BROKEN:
         assert re.search(rf"warning: skipping unreadable image \S*{name}", out), name
     for name in ("gray.png", "cmyk.jpg", "sixteen.png", "palette.png", "full.jpg"):
         assert not re.search(rf"unreadable image \S*{name}", out), name
@@ -181,7 +235,7 @@ def make_broken_dataset(root: Path) -> Path:
 @pytest.mark.parametrize("make, message", [
     (make_file, "is a file, not a folder"),
     (make_empty, "contains no images"),
-    (make_broken_dataset, "unreadable images in a row"),
+    (make_broken_dataset, "3 of 3 images could not be read"),
 ])
 def test_unusable_data_paths_are_one_line_errors(tmp_path, make, message, capsys):
     data = make(tmp_path / "data")
@@ -198,6 +252,29 @@ def test_missing_val_folder_for_evaluation(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         eval_knn.main(ARCH + ["--data_path", str(data), "--num_workers", "0"])
     assert info.value.code == 2 and "has no val/ folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["eval_knn", "eval_linear", "nearest_neighbors", "main_dino --knn_every"])
+def test_train_and_val_with_other_class_folders_are_refused(tmp_path, entry, capsys):
+    """val/ lacking train/'s first class: every val label would be off by one (Top1 0 instead of 100)."""
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=2)
+    for image in (data / "val" / "class_0").iterdir():
+        image.unlink()
+    (data / "val" / "class_0").rmdir()
+    argv = {"eval_knn": (eval_knn.main, ARCH + ["--num_workers", "0"]),
+            "eval_linear": (eval_linear.main, ARCH + ["--num_workers", "0", "--n_last_blocks", "2",
+                                                      "--output_dir", str(tmp_path / "lin")]),
+            "nearest_neighbors": (nearest_neighbors.main, ARCH + ["--num_workers", "0",
+                                                                  "--png", str(tmp_path / "nn.png")]),
+            "main_dino --knn_every": (main_dino.main, TRAIN + ["--num_workers", "0", "--knn_every", "1",
+                                                               "--epochs", "1",
+                                                               "--output_dir", str(tmp_path / "out")])}
+    main, args = argv[entry]
+    with pytest.raises(SystemExit) as info:
+        main(args + ["--data_path", str(data / "train" if entry.startswith("main_dino") else data)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "have different class folders (3 vs 2; only in train/: ['class_0']" in err
+    assert "an empty folder is allowed" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- 4. bad arguments

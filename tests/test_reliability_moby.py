@@ -15,7 +15,7 @@ from ssl_runtime import checkpoint as ckpt_io
 from ssl_runtime.checkpoint import load_checkpoint, previous_path
 from tests.conftest import make_imagefolder
 from tests.reliability_helpers import ROOT, SIGKILL, SIGTERM, assert_same_tensors, run, run_and_signal
-from tests.test_reliability_dino import make_broken_dataset, make_empty, make_file, write_odd_images
+from tests.test_reliability_dino import BROKEN, make_broken_dataset, make_empty, make_file, write_odd_images
 
 from tests.test_moby_train import CPU_CFG, NAME, QUEUE, TINY  # noqa: E402  (the tiny MoBY set-up)
 
@@ -107,17 +107,26 @@ def test_odd_and_broken_images_train_with_warnings(tmp_path, workers, capfd):
     with pytest.warns(UserWarning, match=r"class folder\(s\) without images: class_empty"):
         main_moby.main(args(data, tmp_path, "--epochs", "1", opts=("DATA.NUM_WORKERS", workers)))
     out, _ = capfd.readouterr()
-    for name in ("truncated.jpg", "empty.jpg", "text.jpg"):
+    for name in BROKEN:
         assert re.search(rf"warning: skipping unreadable image \S*{name}", out), name
     for name in ("gray.png", "cmyk.jpg", "sixteen.png", "palette.png", "full.jpg"):
         assert not re.search(rf"unreadable image \S*{name}", out), name
     assert "Throughput:" in out and load_checkpoint(run_dir(tmp_path) / "checkpoint.pth")["epoch"] == 0
 
 
+def test_an_output_folder_under_a_file_is_a_one_line_error(tmp_path, tiny_imagefolder, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as info:
+        main_moby.main(args(tiny_imagefolder, tmp_path / "file", "--epochs", "1"))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "cannot write into the output folder" in err and "--output" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("make, message", [
     (make_file, "is a file, not a folder"),
     (make_empty, "has no train/ folder"),
-    (lambda root: make_broken_dataset(root / "train").parent, "unreadable images in a row"),
+    (lambda root: make_broken_dataset(root / "train").parent, "3 of 3 images could not be read"),
 ])
 def test_unusable_data_paths_are_one_line_errors(tmp_path, make, message, capsys):
     data = make(tmp_path / "data")

@@ -3,17 +3,22 @@ process-group timeout, and a 2-process job whose rank 1 fails (DINO and MoBY).""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import signal
+import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_imagefolder
 from ssl_runtime import distributed as dist_utils
-from ssl_runtime.checkpoint import load_first_readable, previous_path, save_atomic
+from ssl_runtime.checkpoint import load_first_readable, prepare_output_dir, previous_path, save_atomic
 from ssl_runtime.compat import grad_scaler
 from ssl_runtime.errors import UserError
 from ssl_runtime.resilience import Interrupted, StepCheckpointer, StepHealth, StopSignal
@@ -101,9 +106,10 @@ def test_rotation_keeps_the_previous_file_and_fallback_skips_broken_ones(tmp_pat
     warnings: list[str] = []
     state, path = load_first_readable([latest, tmp_path / "absent.pth", previous_path(latest)], warnings.append)
     assert state["epoch"] == 1 and path == previous_path(latest)
-    assert warnings == [f"warning: checkpoint {latest} is truncated or corrupt (UnpicklingError: "
-                        f"{warnings[0].split('(UnpicklingError: ')[1].split(');')[0]}); "
-                        f"falling back to {previous_path(latest)}"]
+    assert len(warnings) == 1  # no pickle: the check before torch.load says so (ValueError)
+    assert re.fullmatch(rf"warning: checkpoint {re.escape(str(latest))} is truncated or corrupt "
+                        rf"\(ValueError: [^;]*\); falling back to {re.escape(str(previous_path(latest)))}",
+                        warnings[0]), warnings
     assert load_first_readable([tmp_path / "absent.pth"]) is None
     previous_path(latest).write_bytes(b"")
     with pytest.raises(UserError, match="none of the checkpoints in .* can be read"):
@@ -111,6 +117,56 @@ def test_rotation_keeps_the_previous_file_and_fallback_skips_broken_ones(tmp_pat
 
 
 # ---------------------------------------------------------------- 6. distributed faults
+
+def test_a_failing_cleanup_never_hides_why_the_save_failed(tmp_path, monkeypatch):
+    """On a read-only file system removing the temporary file fails too (EROFS even when it does
+    not exist): the error names the first failure, as a UserError."""
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(torch, "save", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(UserError, match=r"could not write checkpoint .*Read-only file system.*untouched"):
+        save_atomic({"w": torch.ones(1)}, tmp_path / "checkpoint.pth")
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (and whose id no running process has taken since)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_nothing_else(tmp_path, capsys):
+    host, dead = socket.gethostname(), dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {f".checkpoint.pth.tmp-{dead}": False,  # the earlier name, without the host
+                 f".checkpoint0003.pth.tmp-{host}-{dead}": False,
+                 f".encoder.safetensors.tmp-{host}-{dead}": False,
+                 f".checkpoint.pth.tmp-{host}-{live.pid}": True,  # a live writer's
+                 f".checkpoint.pth.tmp-{os.getppid()}": True,
+                 f".checkpoint.pth.tmp-other-host-{dead}": True,  # its process cannot be checked here
+                 f".notes.txt.tmp-{dead}": True, f"checkpoint.pth.tmp-{dead}": True, "checkpoint.pth": True}
+        for name in names:
+            (tmp_path / name).write_bytes(b"x")
+        (tmp_path / f".dir.pth.tmp-{dead}").mkdir()
+        assert prepare_output_dir(tmp_path) == tmp_path
+        kept = {name for name, keep in names.items() if keep} | {f".dir.pth.tmp-{dead}"}
+        assert {p.name for p in tmp_path.iterdir()} == kept
+        assert capsys.readouterr().out.count("left by a checkpoint write that was killed") == 3
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_an_unusable_output_folder_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"output folder .*/file/out .*choose another --output"):
+        prepare_output_dir(tmp_path / "file" / "out", "--output")
+    fresh = prepare_output_dir(tmp_path / "new" / "out")
+    assert fresh.is_dir() and not list(fresh.iterdir())  # the write test is gone
+
 
 def test_process_group_timeout_from_the_environment(monkeypatch):
     monkeypatch.setenv(dist_utils.TIMEOUT_ENV, "0.5")

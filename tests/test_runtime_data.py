@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ssl_runtime import data
 from ssl_runtime.distributed import DistContext
@@ -68,6 +70,75 @@ def test_broken_images_are_skipped_with_a_warning(tiny_imagefolder, capsys):
     assert len(dataset.bad_files) == 3
     out = capsys.readouterr().out
     assert "skipping unreadable image" in out and "zero.png" in out and "notes.jpg" in out
+
+
+# An Encapsulated PostScript file: Pillow hands PostScript to Ghostscript to render it.
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 setgray 0 0 8 8 rectfill\nshowpage\n"
+       b"%%EOF\n")
+
+
+def test_postscript_named_png_is_unreadable_and_never_reaches_ghostscript(tiny_imagefolder, monkeypatch,
+                                                                          capsys):
+    from PIL import EpsImagePlugin
+
+    calls = []
+
+    def ghostscript(*args, **kwargs):
+        calls.append(args)
+        raise OSError("Ghostscript was started")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    (tiny_imagefolder / "train" / "class_0" / "000.png").write_bytes(EPS)
+    with pytest.raises(UnidentifiedImageError):
+        data.load_rgb(str(tiny_imagefolder / "train" / "class_0" / "000.png"))
+    dataset = data.SafeImageFolder(tiny_imagefolder / "train")
+    assert dataset[0][1] == 0 and len(dataset.bad_files) == 1  # skipped: the next image of class_0
+    assert "skipping unreadable image" in capsys.readouterr().out and not calls
+
+
+def test_a_non_utf8_file_name_is_printed_escaped(tiny_imagefolder, monkeypatch):
+    """File names are bytes; Python holds the non-UTF-8 ones with surrogates, which a strict UTF-8
+    stdout (PYTHONIOENCODING=utf-8, most loggers) cannot encode."""
+    folder = os.fsencode(tiny_imagefolder / "train" / "class_0")
+    with open(os.path.join(folder, b"caf\xe9.png"), "wb"):
+        pass  # empty: unreadable
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    dataset = data.SafeImageFolder(tiny_imagefolder / "train")
+    index = next(i for i, (path, _) in enumerate(dataset.samples) if "caf" in path)
+    dataset[index]  # skipped for the next image
+    stdout.flush()
+    assert b"skipping unreadable image " in stdout.buffer.getvalue()
+    assert b"caf\\xe9.png" in stdout.buffer.getvalue()
+
+
+def test_a_small_dataset_full_of_broken_files_stops_at_its_third(tmp_path):
+    """Until 200 images were tried, the 1 % is of 200: 2 unreadable images are skipped, a third
+    stops the run (before, a dataset under 200 images per worker never stopped on the fraction
+    and trained on its readable images repeated)."""
+    folder = tmp_path / "d" / "train" / "c"
+    folder.mkdir(parents=True)
+    for i in range(10):
+        Image.new("L", (8, 8), i).save(folder / f"good{i}.png")
+        if i % 2:
+            (folder / f"good{i}_bad.png").write_bytes(b"")  # 5 of 15 unreadable
+    dataset = data.SafeImageFolder(tmp_path / "d" / "train")
+    with pytest.raises(UserError, match=r"3 of \d+ images could not be read .*at most 1% of the images "
+                                        r"tried, counted as at least 200"):
+        for i in range(len(dataset)):
+            dataset[i]
+    assert len(dataset.bad_files) == 3
+
+
+def test_the_fraction_rule_after_200_images_is_unchanged(tiny_imagefolder):
+    """From 200 images tried on, more than 1 % of those tried stops the run, as before."""
+    dataset = data.SafeImageFolder(tiny_imagefolder / "train")
+    error = OSError("broken")
+    dataset.tried = 400
+    for i in range(4):
+        dataset._record_bad(f"bad{i}.png", error)  # 4 of 400: 1 %, not more
+    with pytest.raises(UserError, match="5 of 400 images"):
+        dataset._record_bad("bad4.png", error)
 
 
 def test_too_many_broken_images_stop_with_a_clear_error(tmp_path, monkeypatch):
