@@ -367,9 +367,14 @@ def get_config(args: argparse.Namespace) -> CN:
 
 
 def save_config(config: CN, output_dir: str | os.PathLike) -> Path:
-    """Write the merged config as YAML to <output>/config.json (upstream's file name)."""
+    """Write the merged config as YAML to <output>/config.json (upstream's file name). Trust is a
+    choice of the command line, never of a file: the record says False, so that the file can be
+    passed back as --cfg (which refuses True)."""
+    record = config.clone()
+    record.defrost()
+    record.MODEL.TRUST_CHECKPOINT = False
     path = Path(output_dir) / "config.json"
-    path.write_text(config.dump())
+    path.write_text(record.dump())
     return path
 
 

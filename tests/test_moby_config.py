@@ -127,6 +127,11 @@ def test_trust_comes_from_the_command_line_only(tmp_path):
     saved = save_config(get_config(args_for(CONFIGS / "moby_swin_cpu.yaml")), tmp_path)
     assert "TRUST_CHECKPOINT: false" in saved.read_text()
     assert get_config(args_for(saved)).MODEL.TRUST_CHECKPOINT is False
+    # a run made with the flag records False too, so its config.json can be passed back as --cfg
+    trusted_run = tmp_path / "trusted_run"
+    trusted_run.mkdir()
+    saved = save_config(get_config(args_for(CONFIGS / "moby_swin_cpu.yaml", trust_checkpoint=True)), trusted_run)
+    assert get_config(args_for(saved)).MODEL.TRUST_CHECKPOINT is False
 
 
 def test_base_cycles_and_non_utf8_files_are_named(tmp_path):
