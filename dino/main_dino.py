@@ -29,7 +29,7 @@ from dino.augment import build_dino_augmentation, eval_transform  # noqa: E402
 from dino.checkpoints import load_training_state  # noqa: E402
 from dino.loss import COLLAPSE_KL_FRACTION, DINOLoss, collapse_kind  # noqa: E402
 from dino.models import build_dino_networks, canonical_arch, is_vit  # noqa: E402
-from ssl_runtime.amp import MixedPrecision  # noqa: E402
+from ssl_runtime.amp import AMP_DTYPES, MixedPrecision  # noqa: E402
 from ssl_runtime.augment import use_batched, views_to_device  # noqa: E402
 from ssl_runtime.collapse import CollapseWatch  # noqa: E402
 from ssl_runtime.checkpoint import add_trust_arg, load_first_readable, previous_path, save_atomic  # noqa: E402
@@ -83,7 +83,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Training / optimisation
     parser.add_argument("--use_fp16", type=bool_flag, default=True,
-                        help="mixed precision (fp16 autocast + loss scaling on NPU/GPU; fp32 on CPU)")
+                        help="mixed precision: on NPU/GPU autocast to --amp_dtype (fp16 with loss "
+                             "scaling by default); on CPU bf16 autocast where the CPU has native bf16 "
+                             "(AVX512-BF16, AMX, Arm BF16), else fp32 (env SSL_CPU_AMP=fp32|bf16 "
+                             "decides instead). The run prints which and why")
+    parser.add_argument("--amp_dtype", default="fp16", choices=AMP_DTYPES,
+                        help="(ours) NPU/GPU autocast type of --use_fp16: fp16 (upstream's, with a "
+                             "GradScaler) or bf16 (no loss scaling; the remedy for NaN losses under "
+                             "fp16). On CPU the CPU's own choice applies (see --use_fp16)")
     parser.add_argument("--amp", action="store_true",
                         help="Ascend-port alias: same as --use_fp16 true")
     parser.add_argument("--use_color_jitter_opti", action="store_true",
@@ -243,7 +250,7 @@ def frozen_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> l
     return [param for name, param in model.named_parameters() if "last_layer" in name]
 
 
-DINO_ADVICE = "--use_fp16 false, a lower --lr or a higher --clip_grad"
+DINO_ADVICE = "--amp_dtype bf16 (NPU/GPU), --use_fp16 false, a lower --lr or a higher --clip_grad"
 
 
 COLLAPSE_ADVICE = {
@@ -424,6 +431,11 @@ def build_schedules(args, niter_per_ep: int, world_size: int) -> tuple[np.ndarra
     )
 
 
+def mixed_precision(args, device_type: str) -> MixedPrecision:
+    """--use_fp16 and --amp_dtype on this device (see ssl_runtime.amp)."""
+    return MixedPrecision.from_flag(args.use_fp16, device_type, amp_dtype=args.amp_dtype)
+
+
 def build_optimizer_for(student: nn.Module, args, ctx: DistContext) -> torch.optim.Optimizer:
     groups = param_groups_weight_decay(unwrap(student), args.weight_decay)
     # the lr and the group-0 weight decay are overwritten by the schedules at every step
@@ -487,10 +499,11 @@ def train_dino(args: argparse.Namespace) -> None:
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                          args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(ctx.device)
     optimizer = build_optimizer_for(student, args, ctx)
-    mp = MixedPrecision.from_flag(args.use_fp16, ctx.device_type)
+    mp = mixed_precision(args, ctx.device_type)
     niter = len(data_loader)
     schedules = build_schedules(args, niter, ctx.world_size)
     print(f"Loss, optimizer and schedulers ready ({mp.describe()}).")
+    print(mp.precision_line())
 
     # ============ resume ============
     start_epoch, start_step = restart_from_checkpoint(Path(args.output_dir), student, teacher,

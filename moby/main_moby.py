@@ -27,11 +27,11 @@ from moby.cli import add_pretrain_limits, base_parser, open_output, parse_config
 from moby.config import set_values  # noqa: E402
 from moby.data import BICUBIC, batch_preparer, build_labelled_datasets, build_pretrain_dataset, eval_transform  # noqa: E402
 from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, accumulation_steps, last_epoch,  # noqa: E402
-                         maybe_resume, measure_throughput, prepare_budget, train_one_epoch)
+                         maybe_resume, measure_throughput, mixed_precision, prepare_budget,
+                         train_one_epoch)
 from moby.model import build_moby, check_queue_size, maybe_compile_encoders  # noqa: E402
 from moby.monitoring import attach_monitor, collapse_watch, log_epoch, momentum_source  # noqa: E402
 from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates  # noqa: E402
-from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.data import build_loader, set_loader_epoch  # noqa: E402
 from ssl_runtime.distributed import DistContext, convert_sync_batchnorm, wrap_ddp  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
@@ -45,8 +45,9 @@ def moby_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
     return model(view_1, view_2)
 
 
-MOBY_ADVICE = ("--amp-opt-level O0, a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD, or --opts "
-               "TRAIN.SKIP_NON_FINITE True to skip such steps as upstream does under apex")
+MOBY_ADVICE = ("--amp-dtype bf16 (NPU/GPU), --amp-opt-level O0, a lower TRAIN.BASE_LR or "
+               "TRAIN.CLIP_GRAD, or --opts TRAIN.SKIP_NON_FINITE True to skip such steps as upstream "
+               "does under apex")
 
 
 def step_checkpointer(config: CfgNode, moby: torch.nn.Module, state: TrainState,
@@ -88,9 +89,10 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     maybe_compile_encoders(config, moby, ctx.device_type)
     logger.info(str(moby))
     optimizer = build_optimizer(config, moby, ctx.device_type)
-    mp = MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", ctx.device_type)
+    mp = mixed_precision(config, ctx.device_type)
     moby, optimizer = mp.prepare(moby, optimizer)
     logger.info(f"mixed precision: {mp.describe()}")
+    logger.info(mp.precision_line())
     model = wrap_ddp(moby, ctx, broadcast_buffers=False)
     logger.info(f"number of params: {sum(p.numel() for p in moby.parameters() if p.requires_grad)}")
 
