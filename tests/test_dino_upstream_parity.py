@@ -150,6 +150,40 @@ def test_vit_features_equal_upstream_at_every_size(size):
     assert_close(last_self_attention(model, images), expected_attention, rtol=1e-5 / expected_attention.max())
 
 
+# bf16 autocast: what mixed precision computes on a CPU with native bf16, and with --amp_dtype bf16 on
+# NPU/GPU. bf16 keeps 8 significant bits, so each rounding to bf16 errs by at most u = 2^-8 = 0.0039
+# of the value rounded. On the path to a feature autocast rounds the two operands and the result of
+# every matrix product: the patch convolution, and per block qkv, q @ k^T, attention @ v, proj, fc1
+# and fc2, 13 products and N = 39 roundings (their sums accumulate in fp32, whose 2^-24 is negligible
+# here; LayerNorm, softmax and the residual sums see the rounded values but add no bf16 rounding of
+# their own). The LayerNorms keep every rounded value at about the scale of the features, so each
+# rounding moves a feature by at most ~u of that scale; N independent errors, uniform in [-u, u]
+# (standard deviation u / sqrt(3)), add up to sqrt(N / 3) u = 3.6 u. BF16_FEATURE_RTOL = 4 u covers
+# that; the worst case N u = 0.15 would let a misplaced [CLS] entry or a transposed grid through.
+# (Measured: at most 1.1 u at every size.)
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
+BF16_FEATURE_RTOL = 4 * BF16_UNIT_ROUNDOFF
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_vit_features_in_bf16_equal_upstream_to_bf16_precision(size):
+    state = official_state()
+    model = build_backbone("vit_pico", PATCH, 224).eval()
+    model.load_state_dict(state)
+    images = images_of(size)
+    expected, _ = upstream_forward(state, images)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model(images)
+        layers = model.get_intermediate_layers(images, n=DEPTH, return_prefix_tokens=True, norm=True)
+    assert_close(features, expected[-1][:, 0], rtol=BF16_FEATURE_RTOL)
+    for (patches, prefix), want in zip(layers, expected):
+        assert_close(prefix[:, 0], want[:, 0], rtol=BF16_FEATURE_RTOL)
+        assert_close(patches, want[:, 1:], rtol=BF16_FEATURE_RTOL)
+    # and it did compute in bf16: further from the reference than fp32 ever is
+    with pytest.raises(AssertionError):
+        assert_close(features, expected[-1][:, 0], rtol=FEATURE_RTOL)
+
+
 def test_native_size_is_timms_own_computation():
     """At the size the model is built for, nothing is resampled: bit for bit timm's ViT."""
     state = official_state()
