@@ -48,6 +48,7 @@ from ssl_runtime.resilience import (StepCheckpointer, StepHealth, StopSignal, re
                                     rng_state, skip_batches)
 from ssl_runtime.knn import KnnProbe  # noqa: E402
 from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
+from ssl_runtime.profiling import StepProfiler, add_profile_arg  # noqa: E402
 from ssl_runtime.optim import (OPTIMIZERS, build_optimizer, clear_gradients, held_still,  # noqa: E402
                                param_groups_weight_decay)
 from ssl_runtime.schedules import cosine_schedule  # noqa: E402
@@ -157,6 +158,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="write TensorBoard scalars to <output_dir>/tensorboard (rank 0, when the "
                              "tensorboard package is installed)")
     add_trust_arg(parser)  # (ours) resuming from a checkpoint the safe loader refuses
+    add_profile_arg(parser)
     add_launcher_args(parser)
     add_device_arg(parser)
     return parser
@@ -326,7 +328,8 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
                     checkpointer: StepCheckpointer | None = None,
                     monitor: TrainingMonitor = TrainingMonitor.disabled(),
                     collapse: CollapseWatch | None = None,
-                    prepare_views=None) -> tuple[dict, int, bool]:
+                    prepare_views=None,
+                    profiler: StepProfiler = StepProfiler.disabled()) -> tuple[dict, int, bool]:
     """One pass over the data (or fewer steps) from batch `start_step` on (a mid-epoch resume);
     returns (stats, steps done, epoch completed). prepare_views turns a loaded batch of views
     into the crops on the device (ssl_runtime.augment.views_to_device)."""
@@ -359,6 +362,7 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
         if collapse is not None and it % PRINT_FREQ == 0:  # read when the line is printed anyway
             collapse.observe(global_it, {name: metric_logger.meters[name].median for name in signals})
         throughput.step()
+        profiler.step()
         steps += 1
         monitor.step(global_it, loss=loss, lr=optimizer.param_groups[0]["lr"],
                      wd=optimizer.param_groups[0]["weight_decay"], momentum=momentum_schedule[global_it],
@@ -529,6 +533,7 @@ def train_dino(args: argparse.Namespace) -> None:
     # watched from the end of the lr warm-up on; 5 checks in a row = 50 steps of 20-step medians
     collapse = CollapseWatch(dino_collapse_diagnosis(dino_loss.max_entropy),
                              start_step=args.warmup_epochs * niter, patience=5)
+    profiler = StepProfiler(args.profile, args.output_dir, ctx.device_type, enabled=ctx.is_main)
     start_time = time.time()
     print("Starting DINO training !")
     steps_done = 0
@@ -540,7 +545,7 @@ def train_dino(args: argparse.Namespace) -> None:
             student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch, args, ctx,
             throughput, guard, None if args.num_steps is None else budget - steps_done,
             start_step if epoch == start_epoch else 0, checkpointer, monitor, collapse,
-            views_to_device(transform, ctx.device))
+            views_to_device(transform, ctx.device), profiler)
         monitor.scalars(epoch, "epoch", stats)
         steps_done += steps
         # an epoch cut short by --num_steps resumes at the batch where it stopped
@@ -559,6 +564,7 @@ def train_dino(args: argparse.Namespace) -> None:
                 f.write(json.dumps(record) + "\n")
     checkpointer.close()
     monitor.close()
+    profiler.close()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
     if steps_done == 0:

@@ -37,6 +37,7 @@ from ssl_runtime.distributed import DistContext, convert_sync_batchnorm, wrap_dd
 from ssl_runtime.errors import main_entry  # noqa: E402
 from ssl_runtime.knn import KnnProbe  # noqa: E402
 from ssl_runtime.meters import ThroughputMeter  # noqa: E402
+from ssl_runtime.profiling import StepProfiler, add_profile_arg  # noqa: E402
 from ssl_runtime.resilience import StepCheckpointer, StepHealth, StopSignal, skip_batches  # noqa: E402
 
 
@@ -76,7 +77,9 @@ def build_knn_probe(config: CfgNode, ctx: DistContext) -> KnnProbe | None:
                     config.DATA.NUM_WORKERS, config.SEED)
 
 
-def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
+def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger,
+             profile: tuple[int, int] | None = None) -> None:
+    """Pre-training; `profile`: the iterations --profile records (None: off)."""
     dataset = build_pretrain_dataset(config)
     loader = build_loader(dataset, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, ctx,
                           shuffle=True, drop_last=True, seed=config.SEED)
@@ -126,6 +129,8 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     knn_probe = build_knn_probe(config, ctx)
     prepare_budget(config, state, steps_per_epoch)
     state.checkpointer = step_checkpointer(config, moby, state, steps_per_epoch)
+    state.profiler = StepProfiler(profile, config.OUTPUT, ctx.device_type, enabled=ctx.is_main,
+                                  print_fn=logger.info)
     logger.info("Start self-supervised pre-training")
     start_time = time.time()
     for epoch in range(config.TRAIN.START_EPOCH, last_epoch(config)):
@@ -149,6 +154,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
 
     state.checkpointer.close()
     state.monitor.close()
+    state.profiler.close()
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if throughput.timed_steps:
         logger.info(throughput.summary_line())
@@ -158,12 +164,13 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("MoBY training and evaluation script")
     add_pretrain_limits(parser)
+    add_profile_arg(parser)
     args, config = parse_config(parser, argv)
     ctx = start_run(config, args, pretraining=True)
     check_queue_size(config, ctx.world_size)
     scale_learning_rates(config, ctx.world_size)
     logger = open_output(config, ctx)
-    pretrain(config, ctx, logger)
+    pretrain(config, ctx, logger, args.profile)
 
 
 if __name__ == "__main__":
