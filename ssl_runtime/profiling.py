@@ -61,7 +61,9 @@ class StepProfiler:
         self._profiler = None
         if steps is not None and enabled:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._profiler = _start_profiler(steps, self.folder, device_type, self._report)
+            # made before the profiler starts: torch_npu's records into the folder it names
+            self._write_trace = _handler(device_type, self.folder)
+            self._profiler = _start_profiler(steps, device_type, self._report)
 
     @classmethod
     def disabled(cls) -> "StepProfiler":
@@ -99,7 +101,7 @@ class StepProfiler:
         if self.steps_done <= first:  # stopped before its first recorded step ended
             return
         last = min(self.window[1], self.steps_done - 1)
-        _handler(self.device_type, self.folder)(profiler)
+        self._write_trace(profiler)
         self.print(f"--profile: steps {first}-{last} recorded; trace in {self.folder} (TensorBoard: "
                    f"tensorboard --logdir {self.folder}; Perfetto: ui.perfetto.dev, open the trace JSON)")
         self.print(top_operators(profiler, self.device_type, self.folder))
@@ -122,7 +124,7 @@ def _activities(device_type: str) -> list:
     return activities
 
 
-def _start_profiler(steps: tuple[int, int], folder: Path, device_type: str, on_ready: Callable) -> Any:
+def _start_profiler(steps: tuple[int, int], device_type: str, on_ready: Callable) -> Any:
     """A started profiler whose schedule skips the steps before `first` (the one just before it
     traced but discarded: the profiler's own warm-up) and records first..last."""
     first, last = steps

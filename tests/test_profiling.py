@@ -131,3 +131,57 @@ def test_npu_kernel_table_sums_device_time_per_kernel(tmp_path):
     assert lines[3].split() == ["SoftmaxV2", "0.150ms", "15.0%", "1"]
     assert len(lines) == 4
     assert "no kernel_details.csv" in npu_kernel_table(tmp_path / "elsewhere")
+
+
+class _FakeNpuProfiler:
+    """torch_npu.profiler's interface as ssl_runtime.profiling uses it, recording the calls: its
+    tensorboard_trace_handler names the folder the profile records into, so it must come first."""
+
+    def __init__(self):
+        self.calls = []
+        self.ProfilerActivity = argparse.Namespace(CPU="CPU", NPU="NPU")
+        self.ProfilerLevel = argparse.Namespace(Level1="Level1")
+
+    def _ExperimentalConfig(self, profiler_level):
+        return {"profiler_level": profiler_level}
+
+    def schedule(self, **kwargs):
+        self.calls.append(("schedule", kwargs))
+        return kwargs
+
+    def tensorboard_trace_handler(self, dir_name, worker_name=None):
+        self.calls.append(("handler", dir_name))
+        return lambda prof: self.calls.append(("analyse", dir_name))
+
+    def profile(self, **kwargs):
+        fake = self
+
+        class Profile:
+            def start(self):
+                fake.calls.append(("start", kwargs["activities"], kwargs["experimental_config"]))
+
+            def step(self):
+                fake.calls.append(("step",))
+
+            def stop(self):
+                fake.calls.append(("stop",))
+                kwargs["on_trace_ready"](self)
+        return Profile()
+
+
+def test_npu_runs_use_torch_npus_profiler_with_its_folder_named_first(tmp_path, monkeypatch):
+    from ssl_runtime import profiling
+
+    fake = _FakeNpuProfiler()
+    monkeypatch.setattr(profiling, "_profiler_module", lambda device_type: fake)
+    printed = []
+    profiler = StepProfiler((1, 1), tmp_path, "npu", print_fn=printed.append)
+    profiler.step()
+    profiler.step()  # steps 0 and 1 done: past the window (this fake does not call on_trace_ready itself)
+    names = [call[0] for call in fake.calls]
+    assert names[:3] == ["handler", "schedule", "start"]
+    assert fake.calls[0][1] == str(tmp_path / "profile")
+    assert fake.calls[1][1] == {"wait": 0, "warmup": 1, "active": 1, "repeat": 1}
+    assert fake.calls[2][1:] == (["CPU", "NPU"], {"profiler_level": "Level1"})
+    assert names[3:] == ["step", "step", "stop", "analyse"]
+    assert printed[0].startswith("--profile: steps 1-1 recorded") and "no kernel_details.csv" in printed[1]
