@@ -1,11 +1,12 @@
 """Time DINO's training step and its multi-crop data pipeline.
 
-Every main_dino.py flag applies (architecture, patch and crop sizes, crop counts, batch, precision,
-optimizer...), plus the --bench_* flags. The step is main_dino.train_step itself, run on random
-crops already on the device; the data pipeline is timed apart, on the dataset's images.
+Every main_dino.py flag applies (architecture, patch and crop sizes, crop counts, batch,
+--amp_dtype, optimizer...), plus the --bench_* flags. The step is main_dino.train_step itself, run
+on random crops already on the device, once per --bench_precision (default: fp32 and the automatic
+mixed-precision choice, side by side); the data pipeline is timed apart, on the dataset's images.
 
     python dino/benchmark.py --arch vit_small --patch_size 16 --local_crops_number 10 \
-        --batch_size_per_gpu 8 --use_fp16 false --bench_json out/dino_vits16.json
+        --batch_size_per_gpu 8 --bench_json out/dino_vits16.json
 """
 
 from __future__ import annotations
@@ -52,19 +53,20 @@ def layout(args: argparse.Namespace) -> str:
     return text
 
 
-def default_name(args: argparse.Namespace, device_type: str, precision: str) -> str:
+def default_name(args: argparse.Namespace, device_type: str) -> str:
     patch = f"/{args.patch_size}" if args.arch.startswith("vit") else ""
     return (f"dino {args.arch}{patch} {layout(args)} out_dim {args.out_dim} batch "
-            f"{args.batch_size_per_gpu} {device_type} {precision}")
+            f"{args.batch_size_per_gpu} {device_type}")
 
 
-def build_dino_step(args: argparse.Namespace, ctx) -> Callable[[], torch.Tensor]:
-    """main_dino.train_step on fixed random crops, with everything it needs built as in training."""
+def build_dino_step(args: argparse.Namespace, ctx, mp: MixedPrecision) -> Callable[[], torch.Tensor]:
+    """main_dino.train_step on fixed random crops, with everything it needs built as in training
+    (the same weights on every call: the seed is set first)."""
+    fix_random_seeds(args.seed)
     student, teacher = build_student_teacher(args, ctx)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                          args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(ctx.device)
     optimizer = build_optimizer_for(student, args, ctx)
-    mp = MixedPrecision.from_flag(args.use_fp16, ctx.device_type)
     lr, wd, momentum = (schedule[0] for schedule in build_schedules(args, 1, ctx.world_size))
     set_schedule_values(optimizer, max(float(lr), 1e-6), float(wd))  # step 0 of warm-up has lr 0
     params = (list(unwrap(student).parameters()), list(teacher.parameters()))
@@ -79,9 +81,9 @@ def build_dino_step(args: argparse.Namespace, ctx) -> Callable[[], torch.Tensor]
     return step
 
 
-def time_dino_step(args: argparse.Namespace, ctx) -> bench.StepFigures:
-    return bench.time_steps(build_dino_step(args, ctx), ctx.device, args.batch_size_per_gpu,
-                            args.bench_steps, args.bench_warmup)
+def time_dino_steps(args: argparse.Namespace, ctx, precisions: dict[str, MixedPrecision]) -> list[bench.StepFigures]:
+    return bench.time_precisions(lambda mp: build_dino_step(args, ctx, mp), precisions, ctx.device,
+                                 args.batch_size_per_gpu, args.bench_steps, args.bench_warmup)
 
 
 def time_dino_pipeline(args: argparse.Namespace, workers: list[int], device) -> dict[int, float]:
@@ -116,15 +118,16 @@ def main(argv: list[str] | None = None) -> None:
     # (OMP_NUM_THREADS or all cores), as a training run with the pipeline in the main process
     args.num_workers = plan_workers(args.num_workers, ctx.device_type, UPSTREAM_WORKERS, args.batched_aug)
     fix_random_seeds(args.seed)
-    mp = MixedPrecision.from_flag(args.use_fp16, ctx.device_type)
-    name = args.bench_name or default_name(args, ctx.device_type, mp.precision)
-    step = None if args.bench_skip_step else time_dino_step(args, ctx)
+    precisions = {choice: bench.mixed_precision(choice, ctx.device_type, args.amp_dtype)
+                  for choice in args.bench_precision}
+    name = args.bench_name or default_name(args, ctx.device_type)
+    steps = [] if args.bench_skip_step else time_dino_steps(args, ctx, precisions)
     rates = time_dino_pipeline(args, bench.worker_counts(args, args.num_workers), ctx.device)
     config = {"method": "dino", "arch": args.arch, "patch_size": args.patch_size, "crops": layout(args),
-              "out_dim": args.out_dim, "batch": args.batch_size_per_gpu, "precision": mp.precision,
+              "out_dim": args.out_dim, "batch": args.batch_size_per_gpu,
               "compile": bool(args.compile), "use_bn_in_head": args.use_bn_in_head,
               "batched_aug": args.batched_aug, "threads": torch.get_num_threads()}
-    bench.report(name, config, ctx.device, step, rates, args.bench_json)
+    bench.report(name, config, ctx.device, steps, rates, args.bench_json)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from dino.augment import build_dino_augmentation, eval_transform  # noqa: E402
 from dino.checkpoints import load_training_state  # noqa: E402
 from dino.loss import COLLAPSE_KL_FRACTION, DINOLoss, collapse_kind  # noqa: E402
 from dino.models import build_dino_networks, canonical_arch, is_vit  # noqa: E402
-from ssl_runtime.amp import MixedPrecision  # noqa: E402
+from ssl_runtime.amp import AMP_DTYPES, MixedPrecision  # noqa: E402
 from ssl_runtime.augment import use_batched, views_to_device  # noqa: E402
 from ssl_runtime.collapse import CollapseWatch  # noqa: E402
 from ssl_runtime.checkpoint import (add_trust_arg, load_first_readable, prepare_output_dir, previous_path,  # noqa: E402
@@ -49,6 +49,7 @@ from ssl_runtime.resilience import (StepCheckpointer, StepHealth, StopSignal, re
                                     rng_state, skip_batches)
 from ssl_runtime.knn import KnnProbe  # noqa: E402
 from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
+from ssl_runtime.profiling import StepProfiler, add_profile_arg  # noqa: E402
 from ssl_runtime.optim import (OPTIMIZERS, build_optimizer, clear_gradients, held_still,  # noqa: E402
                                param_groups_weight_decay)
 from ssl_runtime.schedules import cosine_schedule  # noqa: E402
@@ -84,7 +85,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Training / optimisation
     parser.add_argument("--use_fp16", type=bool_flag, default=True,
-                        help="mixed precision (fp16 autocast + loss scaling on NPU/GPU; fp32 on CPU)")
+                        help="mixed precision: on NPU/GPU autocast to --amp_dtype (fp16 with loss "
+                             "scaling by default); on CPU bf16 autocast where the CPU has native bf16 "
+                             "(AVX512-BF16, AMX, Arm BF16), else fp32 (env SSL_CPU_AMP=fp32|bf16 "
+                             "decides instead). The run prints which and why")
+    parser.add_argument("--amp_dtype", default="fp16", choices=AMP_DTYPES,
+                        help="(ours) NPU/GPU autocast type of --use_fp16: fp16 (upstream's, with a "
+                             "GradScaler) or bf16 (no loss scaling; the remedy for NaN losses under "
+                             "fp16). On CPU the CPU's own choice applies (see --use_fp16)")
     parser.add_argument("--amp", action="store_true",
                         help="Ascend-port alias: same as --use_fp16 true")
     parser.add_argument("--use_color_jitter_opti", action="store_true",
@@ -151,6 +159,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="write TensorBoard scalars to <output_dir>/tensorboard (rank 0, when the "
                              "tensorboard package is installed)")
     add_trust_arg(parser)  # (ours) resuming from a checkpoint the safe loader refuses
+    add_profile_arg(parser)
     add_launcher_args(parser)
     add_device_arg(parser)
     return parser
@@ -246,7 +255,7 @@ def frozen_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> l
     return [param for name, param in model.named_parameters() if "last_layer" in name]
 
 
-DINO_ADVICE = "--use_fp16 false, a lower --lr or a higher --clip_grad"
+DINO_ADVICE = "--amp_dtype bf16 (NPU/GPU), --use_fp16 false, a lower --lr or a higher --clip_grad"
 
 
 COLLAPSE_ADVICE = {
@@ -322,7 +331,8 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
                     checkpointer: StepCheckpointer | None = None,
                     monitor: TrainingMonitor = TrainingMonitor.disabled(),
                     collapse: CollapseWatch | None = None,
-                    prepare_views=None) -> tuple[dict, int, bool]:
+                    prepare_views=None,
+                    profiler: StepProfiler = StepProfiler.disabled()) -> tuple[dict, int, bool]:
     """One pass over the data (or fewer steps) from batch `start_step` on (a mid-epoch resume);
     returns (stats, steps done, epoch completed). prepare_views turns a loaded batch of views
     into the crops on the device (ssl_runtime.augment.views_to_device)."""
@@ -355,6 +365,7 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
         if collapse is not None and it % PRINT_FREQ == 0:  # read when the line is printed anyway
             collapse.observe(global_it, {name: metric_logger.meters[name].median for name in signals})
         throughput.step()
+        profiler.step()
         steps += 1
         monitor.step(global_it, loss=loss, lr=optimizer.param_groups[0]["lr"],
                      wd=optimizer.param_groups[0]["weight_decay"], momentum=momentum_schedule[global_it],
@@ -430,6 +441,11 @@ def build_schedules(args, niter_per_ep: int, world_size: int) -> tuple[np.ndarra
     )
 
 
+def mixed_precision(args, device_type: str) -> MixedPrecision:
+    """--use_fp16 and --amp_dtype on this device (see ssl_runtime.amp)."""
+    return MixedPrecision.from_flag(args.use_fp16, device_type, amp_dtype=args.amp_dtype)
+
+
 def build_optimizer_for(student: nn.Module, args, ctx: DistContext) -> torch.optim.Optimizer:
     groups = param_groups_weight_decay(unwrap(student), args.weight_decay)
     # the lr and the group-0 weight decay are overwritten by the schedules at every step
@@ -493,10 +509,11 @@ def train_dino(args: argparse.Namespace) -> None:
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                          args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(ctx.device)
     optimizer = build_optimizer_for(student, args, ctx)
-    mp = MixedPrecision.from_flag(args.use_fp16, ctx.device_type)
+    mp = mixed_precision(args, ctx.device_type)
     niter = len(data_loader)
     schedules = build_schedules(args, niter, ctx.world_size)
     print(f"Loss, optimizer and schedulers ready ({mp.describe()}).")
+    print(mp.precision_line())
 
     # ============ resume ============
     start_epoch, start_step = restart_from_checkpoint(Path(args.output_dir), student, teacher,
@@ -522,6 +539,7 @@ def train_dino(args: argparse.Namespace) -> None:
     # watched from the end of the lr warm-up on; 5 checks in a row = 50 steps of 20-step medians
     collapse = CollapseWatch(dino_collapse_diagnosis(dino_loss.max_entropy),
                              start_step=args.warmup_epochs * niter, patience=5)
+    profiler = StepProfiler(args.profile, args.output_dir, ctx.device_type, enabled=ctx.is_main)
     start_time = time.time()
     print("Starting DINO training !")
     steps_done = 0
@@ -533,7 +551,7 @@ def train_dino(args: argparse.Namespace) -> None:
             student, teacher, dino_loss, data_loader, optimizer, mp, schedules, epoch, args, ctx,
             throughput, guard, None if args.num_steps is None else budget - steps_done,
             start_step if epoch == start_epoch else 0, checkpointer, monitor, collapse,
-            views_to_device(transform, ctx.device))
+            views_to_device(transform, ctx.device), profiler)
         monitor.scalars(epoch, "epoch", stats)
         steps_done += steps
         # an epoch cut short by --num_steps resumes at the batch where it stopped
@@ -552,6 +570,7 @@ def train_dino(args: argparse.Namespace) -> None:
                 f.write(json.dumps(record) + "\n")
     checkpointer.close()
     monitor.close()
+    profiler.close()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
     if steps_done == 0:

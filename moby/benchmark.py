@@ -1,11 +1,12 @@
 """Time MoBY's training step and its two-view data pipeline.
 
-Takes main_moby.py's config and flags (--cfg, --batch-size, --opts, --amp-opt-level, --device,
+Takes main_moby.py's config and flags (--cfg, --batch-size, --opts, --amp-dtype, --device,
 --compile) plus the --bench_* flags. The step is engine.train_step itself (both views through
 the online and target encoders, queues, loss, backward, clipping, optimizer, lr schedule) on random
-views already on the device; the data pipeline is timed apart, on the dataset's images.
+views already on the device, once per --bench_precision (default: fp32 and the automatic
+mixed-precision choice, side by side); the data pipeline is timed apart, on the dataset's images.
 
-    python moby/benchmark.py --cfg configs/moby_swin_tiny.yaml --batch-size 8 --amp-opt-level O0 \
+    python moby/benchmark.py --cfg configs/moby_swin_tiny.yaml --batch-size 8 \
         --bench_json out/moby_swin_tiny.json
 """
 
@@ -45,21 +46,22 @@ from ssl_runtime.misc import seed_everything  # noqa: E402
 STEPS_PER_EPOCH = 1000  # only positions the schedules; nothing is trained for that long
 
 
-def default_name(config: CfgNode, device_type: str, precision: str) -> str:
+def default_name(config: CfgNode, device_type: str) -> str:
     model = config.MODEL
     encoder = f"swin C{model.SWIN.EMBED_DIM} {'-'.join(map(str, model.SWIN.DEPTHS))} patch " \
               f"{model.SWIN.PATCH_SIZE} window {model.SWIN.WINDOW_SIZE}" \
         if model.MOBY.ENCODER == "swin" else model.MOBY.ENCODER
     return (f"moby {encoder} {config.DATA.IMG_SIZE}px queue {model.MOBY.CONTRAST_NUM_NEGATIVE} batch "
-            f"{config.DATA.BATCH_SIZE} {device_type} {precision}")
+            f"{config.DATA.BATCH_SIZE} {device_type}")
 
 
-def build_moby_step(config: CfgNode, ctx, seed: int) -> Callable[[], torch.Tensor]:
-    """engine.train_step plus the lr-schedule update on fixed random views, built as in training."""
+def build_moby_step(config: CfgNode, ctx, seed: int, mp: MixedPrecision) -> Callable[[], torch.Tensor]:
+    """engine.train_step plus the lr-schedule update on fixed random views, built as in training
+    (the same weights on every call: the seed is set first)."""
+    seed_everything(seed)
     moby = build_moby(config, STEPS_PER_EPOCH).to(ctx.device)
     maybe_compile_encoders(config, moby, ctx.device_type)
     optimizer = build_optimizer(config, moby, ctx.device_type)
-    mp = MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", ctx.device_type)
     moby, optimizer = mp.prepare(moby, optimizer)
     scheduler = build_scheduler(config, optimizer, STEPS_PER_EPOCH)
     state = TrainState(optimizer, scheduler, mp, ctx, logging.getLogger("moby.benchmark"),
@@ -81,8 +83,10 @@ def build_moby_step(config: CfgNode, ctx, seed: int) -> Callable[[], torch.Tenso
     return step
 
 
-def time_moby_step(config: CfgNode, ctx, seed: int, steps: int, warmup: int) -> bench.StepFigures:
-    return bench.time_steps(build_moby_step(config, ctx, seed), ctx.device, config.DATA.BATCH_SIZE, steps, warmup)
+def time_moby_steps(config: CfgNode, ctx, seed: int, precisions: dict[str, MixedPrecision], steps: int,
+                    warmup: int) -> list[bench.StepFigures]:
+    return bench.time_precisions(lambda mp: build_moby_step(config, ctx, seed, mp), precisions, ctx.device,
+                                 config.DATA.BATCH_SIZE, steps, warmup)
 
 
 def time_moby_pipeline(config: CfgNode, workers: list[int], batches: int, device) -> dict[int, float]:
@@ -111,18 +115,18 @@ def main(argv: list[str] | None = None) -> None:
     set_values(config, **{"AUG.BATCHED": batched, "DATA.NUM_WORKERS": workers})  # see dino/benchmark.py
     set_values(config, **{"TRAIN.EPOCHS": max(config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS + 1)})
     check_queue_size(config, ctx.world_size)
-    seed_everything(config.SEED)
-    precision = MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", ctx.device_type).precision
-    name = args.bench_name or default_name(config, ctx.device_type, precision)
-    step = None if args.bench_skip_step else \
-        time_moby_step(config, ctx, config.SEED, args.bench_steps, args.bench_warmup)
+    precisions = {choice: bench.mixed_precision(choice, ctx.device_type, config.AMP_DTYPE, use_apex=None)
+                  for choice in args.bench_precision}
+    name = args.bench_name or default_name(config, ctx.device_type)
+    steps = [] if args.bench_skip_step else \
+        time_moby_steps(config, ctx, config.SEED, precisions, args.bench_steps, args.bench_warmup)
     rates = time_moby_pipeline(config, bench.worker_counts(args, config.DATA.NUM_WORKERS), args.bench_batches,
                                ctx.device)
     summary = {"method": "moby", "encoder": config.MODEL.MOBY.ENCODER, "model": config.MODEL.NAME,
                "img_size": config.DATA.IMG_SIZE, "queue": config.MODEL.MOBY.CONTRAST_NUM_NEGATIVE,
-               "batch": config.DATA.BATCH_SIZE, "precision": precision, "compile": config.TRAIN.COMPILE,
+               "batch": config.DATA.BATCH_SIZE, "compile": config.TRAIN.COMPILE,
                "batched_aug": config.AUG.BATCHED, "threads": torch.get_num_threads()}
-    bench.report(name, summary, ctx.device, step, rates, args.bench_json)
+    bench.report(name, summary, ctx.device, steps, rates, args.bench_json)
 
 
 if __name__ == "__main__":

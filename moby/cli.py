@@ -11,6 +11,7 @@ import logging
 
 from yacs.config import CfgNode
 
+from ssl_runtime.amp import AMP_DTYPES
 from ssl_runtime.augment import use_batched
 from ssl_runtime.checkpoint import add_trust_arg, prepare_output_dir
 from ssl_runtime.cpu_layout import lay_out
@@ -42,8 +43,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--use-checkpoint", action="store_true",
                         help="whether to use gradient checkpointing to save memory")
     parser.add_argument("--amp-opt-level", type=str, default="O1", choices=["O0", "O1", "O2"],
-                        help="mixed precision level, O0 = fp32 (on CPU every level runs fp32 unless "
-                             "SSL_CPU_AMP=bf16)")
+                        help="mixed precision level, O0 = fp32; O1/O2 autocast to AMP_DTYPE on NPU/GPU, "
+                             "and on CPU to bf16 where the CPU has native bf16 (AVX512-BF16, AMX, Arm "
+                             "BF16), else fp32 (env SSL_CPU_AMP=fp32|bf16 decides instead)")
+    parser.add_argument("--amp-dtype", type=str, choices=AMP_DTYPES,
+                        help="(ours) AMP_DTYPE: the NPU/GPU autocast type of O1/O2, fp16 (default, with "
+                             "loss scaling) or bf16 (no loss scaling; the remedy for NaN losses in fp16)")
     parser.add_argument("--output", default="output", type=str, metavar="PATH",
                         help="root of output folder, the full path is <output>/<model_name>/<tag>")
     parser.add_argument("--tag", help="tag of experiment")

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from yacs.config import CfgNode as CN
 
+from ssl_runtime.amp import AMP_DTYPES
 from ssl_runtime.errors import UserError
 
 _C = CN()
@@ -169,6 +170,10 @@ _C.TEST.CROP = True
 
 # ----------------------------------------------------------------------------- misc
 _C.AMP_OPT_LEVEL = ""  # 'O0' (fp32), 'O1', 'O2'; set from --amp-opt-level
+# (ours) the autocast type of O1/O2 on NPU/GPU: 'fp16' (upstream's apex fp16, with loss scaling) or
+# 'bf16' (no loss scaling; the remedy for NaN losses under fp16). On CPU mixed precision means bf16
+# where the CPU has native bf16, else fp32 (SSL_CPU_AMP=fp32|bf16 decides instead): ssl_runtime.amp.
+_C.AMP_DTYPE = "fp16"
 _C.OUTPUT = ""
 _C.TAG = "default"
 _C.SAVE_FREQ = 1
@@ -269,6 +274,7 @@ _CLI_OVERRIDES = (
     ("accumulation_steps", "TRAIN.ACCUMULATION_STEPS"),
     ("use_checkpoint", "TRAIN.USE_CHECKPOINT"),
     ("amp_opt_level", "AMP_OPT_LEVEL"),
+    ("amp_dtype", "AMP_DTYPE"),
     ("output", "OUTPUT"),
     ("tag", "TAG"),
     ("eval", "EVAL_MODE"),
@@ -344,6 +350,9 @@ def check_config(config: CN) -> None:
         value = _get(config, key)
         if value is None or value < low:
             raise UserError(f"{key} is {value}, must be >= {low}: use {fix}")
+    if config.AMP_DTYPE not in AMP_DTYPES:
+        raise UserError(f"AMP_DTYPE is {config.AMP_DTYPE!r}: use one of {', '.join(AMP_DTYPES)} "
+                        "(--amp-dtype)")
     moby = config.MODEL.MOBY
     if not moby.CONTRAST_TEMPERATURE > 0:
         raise UserError(f"MODEL.MOBY.CONTRAST_TEMPERATURE is {moby.CONTRAST_TEMPERATURE}, must be > 0")

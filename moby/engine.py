@@ -22,6 +22,7 @@ from ssl_runtime.distributed import DistContext
 from ssl_runtime.checkpoint import load_first_readable
 from ssl_runtime.meters import AverageMeter, SmoothedValue, ThroughputMeter
 from ssl_runtime.optim import clear_gradients
+from ssl_runtime.profiling import StepProfiler
 from ssl_runtime.resilience import StepCheckpointer, StepHealth, restore_rng_state
 from ssl_runtime.monitor import TrainingMonitor
 from ssl_runtime.collapse import CollapseWatch
@@ -58,6 +59,18 @@ class TrainState:
     # (ours) a loaded batch -> the model's inputs on the device (the batched augmentation's
     # colour steps, moby.data.batch_preparer); None: a plain copy
     prepare_batch: Callable[[tuple], tuple] | None = None
+    # (ours) --profile: a few iterations under torch.profiler (ssl_runtime.profiling)
+    profiler: StepProfiler = field(default_factory=StepProfiler.disabled)
+
+
+def mixed_precision(config: CfgNode, device_type: str) -> MixedPrecision:
+    """AMP_OPT_LEVEL and AMP_DTYPE on this device (see ssl_runtime.amp)."""
+    return MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", device_type, amp_dtype=config.AMP_DTYPE)
+
+
+def mixed_precision(config: CfgNode, device_type: str) -> MixedPrecision:
+    """AMP_OPT_LEVEL and AMP_DTYPE on this device (see ssl_runtime.amp)."""
+    return MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", device_type, amp_dtype=config.AMP_DTYPE)
 
 
 def last_epoch(config: CfgNode) -> int:
@@ -165,6 +178,7 @@ def train_one_epoch(config: CfgNode, model: torch.nn.Module, loader: DataLoader,
         boundary = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
         loss, grad_norm = train_step(model, batch, state, compute_loss, params, config.TRAIN.CLIP_GRAD,
                                      accumulation, boundary)
+        state.profiler.step()
         if state.health is not None:
             state.health.record(loss)
         signals = state.signals() if state.signals is not None else {}

@@ -30,12 +30,11 @@ from moby.cli import base_parser, open_output, parse_config, start_run  # noqa: 
 from moby.config import set_values  # noqa: E402
 from moby.data import build_labelled_datasets, linear_train_transform, sharded_eval_loader  # noqa: E402
 from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, last_epoch, maybe_resume,  # noqa: E402
-                         measure_throughput, prepare_budget, train_one_epoch)
+                         measure_throughput, mixed_precision, prepare_budget, train_one_epoch)
 from moby.model import build_linear_classifier  # noqa: E402
 from moby.monitoring import attach_monitor, log_epoch  # noqa: E402
 from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates  # noqa: E402
 from ssl_runtime import device as devices  # noqa: E402
-from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.data import build_loader, set_loader_epoch  # noqa: E402
 from ssl_runtime.distributed import DistContext, all_reduce_sum_, wrap_ddp  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
@@ -134,7 +133,8 @@ def linear_eval(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> fl
     classifier = classifier.to(ctx.device)
     logger.info(str(classifier))
     optimizer = build_optimizer(config, classifier, ctx.device_type)
-    mp = MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", ctx.device_type)
+    mp = mixed_precision(config, ctx.device_type)
+    logger.info(mp.precision_line())
     classifier, optimizer = mp.prepare(classifier, optimizer)
     model = wrap_ddp(classifier, ctx, broadcast_buffers=False)
     if timm_name:

@@ -27,16 +27,17 @@ from moby.cli import add_pretrain_limits, base_parser, open_output, parse_config
 from moby.config import set_values  # noqa: E402
 from moby.data import BICUBIC, batch_preparer, build_labelled_datasets, build_pretrain_dataset, eval_transform  # noqa: E402
 from moby.engine import (THROUGHPUT_WARMUP_STEPS, TrainState, accumulation_steps, last_epoch,  # noqa: E402
-                         maybe_resume, measure_throughput, prepare_budget, train_one_epoch)
+                         maybe_resume, measure_throughput, mixed_precision, prepare_budget,
+                         train_one_epoch)
 from moby.model import build_moby, check_queue_size, maybe_compile_encoders  # noqa: E402
 from moby.monitoring import attach_monitor, collapse_watch, log_epoch, momentum_source  # noqa: E402
 from moby.optimization import build_optimizer, build_scheduler, scale_learning_rates  # noqa: E402
-from ssl_runtime.amp import MixedPrecision  # noqa: E402
 from ssl_runtime.data import build_loader, set_loader_epoch  # noqa: E402
 from ssl_runtime.distributed import DistContext, convert_sync_batchnorm, wrap_ddp  # noqa: E402
 from ssl_runtime.errors import main_entry  # noqa: E402
 from ssl_runtime.knn import KnnProbe  # noqa: E402
 from ssl_runtime.meters import ThroughputMeter  # noqa: E402
+from ssl_runtime.profiling import StepProfiler, add_profile_arg  # noqa: E402
 from ssl_runtime.resilience import StepCheckpointer, StepHealth, StopSignal, skip_batches  # noqa: E402
 
 
@@ -45,8 +46,9 @@ def moby_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
     return model(view_1, view_2)
 
 
-MOBY_ADVICE = ("--amp-opt-level O0, a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD, or --opts "
-               "TRAIN.SKIP_NON_FINITE True to skip such steps as upstream does under apex")
+MOBY_ADVICE = ("--amp-dtype bf16 (NPU/GPU), --amp-opt-level O0, a lower TRAIN.BASE_LR or "
+               "TRAIN.CLIP_GRAD, or --opts TRAIN.SKIP_NON_FINITE True to skip such steps as upstream "
+               "does under apex")
 
 
 def step_checkpointer(config: CfgNode, moby: torch.nn.Module, state: TrainState,
@@ -75,7 +77,9 @@ def build_knn_probe(config: CfgNode, ctx: DistContext) -> KnnProbe | None:
                     config.DATA.NUM_WORKERS, config.SEED)
 
 
-def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
+def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger,
+             profile: tuple[int, int] | None = None) -> None:
+    """Pre-training; `profile`: the iterations --profile records (None: off)."""
     dataset = build_pretrain_dataset(config)
     loader = build_loader(dataset, config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, ctx,
                           shuffle=True, drop_last=True, seed=config.SEED)
@@ -88,9 +92,10 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     maybe_compile_encoders(config, moby, ctx.device_type)
     logger.info(str(moby))
     optimizer = build_optimizer(config, moby, ctx.device_type)
-    mp = MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", ctx.device_type)
+    mp = mixed_precision(config, ctx.device_type)
     moby, optimizer = mp.prepare(moby, optimizer)
     logger.info(f"mixed precision: {mp.describe()}")
+    logger.info(mp.precision_line())
     model = wrap_ddp(moby, ctx, broadcast_buffers=False)
     logger.info(f"number of params: {sum(p.numel() for p in moby.parameters() if p.requires_grad)}")
 
@@ -124,6 +129,8 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
     knn_probe = build_knn_probe(config, ctx)
     prepare_budget(config, state, steps_per_epoch)
     state.checkpointer = step_checkpointer(config, moby, state, steps_per_epoch)
+    state.profiler = StepProfiler(profile, config.OUTPUT, ctx.device_type, enabled=ctx.is_main,
+                                  print_fn=logger.info)
     logger.info("Start self-supervised pre-training")
     start_time = time.time()
     for epoch in range(config.TRAIN.START_EPOCH, last_epoch(config)):
@@ -147,6 +154,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
 
     state.checkpointer.close()
     state.monitor.close()
+    state.profiler.close()
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if throughput.timed_steps:
         logger.info(throughput.summary_line())
@@ -156,12 +164,13 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("MoBY training and evaluation script")
     add_pretrain_limits(parser)
+    add_profile_arg(parser)
     args, config = parse_config(parser, argv)
     ctx = start_run(config, args, pretraining=True)
     check_queue_size(config, ctx.world_size)
     scale_learning_rates(config, ctx.world_size)
     logger = open_output(config, ctx)
-    pretrain(config, ctx, logger)
+    pretrain(config, ctx, logger, args.profile)
 
 
 if __name__ == "__main__":

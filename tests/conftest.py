@@ -62,6 +62,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
+def fp32_on_every_cpu(monkeypatch):
+    """Mixed precision on CPU follows the CPU (bf16 where it is native, ssl_runtime.amp): the suite
+    pins fp32 so that its numbers are the same on every machine. Tests of the bf16 path set
+    SSL_CPU_AMP themselves or inject the CPU's features."""
+    monkeypatch.setenv("SSL_CPU_AMP", "fp32")
+
+
+@pytest.fixture(autouse=True)
 def restore_sigterm_handler():
     """A training run that stops with an exception leaves its SIGTERM handler installed: undo it."""
     handler = signal.getsignal(signal.SIGTERM)

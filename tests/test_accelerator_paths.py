@@ -29,6 +29,7 @@ from moby.model import build_moby
 from moby.optimization import build_optimizer as build_moby_optimizer
 from ssl_runtime import distributed, meters
 from ssl_runtime.amp import MixedPrecision
+from ssl_runtime.checkpoint import load_checkpoint
 from ssl_runtime.compat import fused_optimizer_devices
 from ssl_runtime.distributed import check_collective_tensor, single_process_context
 from ssl_runtime.errors import UserError
@@ -257,6 +258,63 @@ def test_moby_step_with_the_npu_default_optimizer_and_scaler(fake_torch_npu):
         batch = (*views, torch.zeros(4))
         moby_train_step(model, batch, state, moby_loss, params, config.TRAIN.CLIP_GRAD)
     assert not torch.equal(params[0], start)
+
+
+def test_bf16_on_npu_has_no_loss_scaling_fp16_keeps_torch_npus_scaler(fake_torch_npu):
+    bf16 = MixedPrecision.from_level("O1", "npu", amp_dtype="bf16")
+    assert bf16.dtype == torch.bfloat16 and not bf16.scaler.is_enabled()
+    assert type(bf16.scaler).__module__ == "ssl_runtime.amp"  # no torch_npu scaler built at all
+    fp16 = MixedPrecision.from_flag(True, "npu")  # DINO's default --amp_dtype
+    assert fp16.dtype == torch.float16 and type(fp16.scaler).__module__.startswith("torch_npu")
+
+
+def _dino_state(args, ctx, precision):
+    """A tiny DINO run's objects after one step under `precision` (on CPU tensors: the NPU double
+    has no autocast, so the step computes in fp32 through the precision's scaler)."""
+    torch.manual_seed(0)
+    student, teacher = main_dino.build_student_teacher(args, ctx)
+    loss_fn = DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, args.epochs)
+    optimizer = build_optimizer("adamw", param_groups_weight_decay(student, 0.04), "npu")  # NPU's default
+    main_dino.set_schedule_values(optimizer, 1e-3, 0.04)
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randn(4, 3, 32, 32, generator=generator) for _ in range(2)] + \
+             [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(2)]
+    computing = dataclasses.replace(precision, dtype=torch.float32)
+    main_dino.train_step(student, teacher, loss_fn, images, optimizer, computing, 1, 0.99, args,
+                         (list(student.parameters()), list(teacher.parameters())))
+    return student, teacher, optimizer, loss_fn
+
+
+def test_dino_checkpoints_of_bf16_and_fp16_runs_resume_each_other(fake_torch_npu, tmp_path):
+    """--amp_dtype bf16 saves upstream's --use_fp16 false layout (no fp16_scaler key); a bf16 run
+    resumes an fp16 checkpoint (its loss scale unused) and an fp16 run a bf16 one (a fresh scale)."""
+    ctx = single_process_context("cpu")
+    layouts = {}
+    for dtype in ("fp16", "bf16"):
+        args = main_dino.get_args_parser().parse_args(
+            DINO_TINY + ["--epochs", "2", "--use_fp16", "true", "--amp_dtype", dtype,
+                         "--output_dir", str(tmp_path / dtype)])
+        main_dino.validate_args(args)
+        Path(args.output_dir).mkdir()
+        precision = main_dino.mixed_precision(args, "npu")
+        student, teacher, optimizer, loss_fn = _dino_state(args, ctx, precision)
+        if precision.scaler.is_enabled():
+            precision.scaler.update(new_scale=1024.0)  # a loss scale of its own, to see it come back
+        main_dino.save_checkpoint(args, 1, student, teacher, optimizer, precision, loss_fn, 0, ctx)
+        layouts[dtype] = set(load_checkpoint(tmp_path / dtype / "checkpoint.pth"))
+    assert layouts["fp16"] - layouts["bf16"] == {"fp16_scaler"}
+    assert "fp16_scaler" not in layouts["bf16"]
+
+    for dtype, checkpoint_dtype, scale in (("fp16", "fp16", 1024.0), ("fp16", "bf16", 2.0 ** 16),
+                                           ("bf16", "fp16", 1.0)):
+        args = main_dino.get_args_parser().parse_args(DINO_TINY + ["--epochs", "2", "--use_fp16", "true",
+                                                                   "--amp_dtype", dtype])
+        main_dino.validate_args(args)
+        precision = main_dino.mixed_precision(args, "npu")
+        student, teacher, optimizer, loss_fn = _dino_state(args, ctx, precision)
+        epoch, _ = main_dino.restart_from_checkpoint(tmp_path / checkpoint_dtype, student, teacher,
+                                                     optimizer, precision, loss_fn)
+        assert epoch == 1 and precision.scaler.get_scale() == scale
 
 
 # ---------------------------------------------------------------- collectives and device state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from dino import benchmark as dino_benchmark
 from moby import benchmark as moby_benchmark
-from ssl_runtime import bench
+from ssl_runtime import amp, bench
 from ssl_runtime.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,14 +51,23 @@ def test_data_pipeline_counts_the_images_it_delivers():
 
 def read_record(path: Path) -> dict:
     record = json.loads(path.read_text())
-    step = record["step"]
-    assert step["images_per_s"] == pytest.approx(step["images_per_step"] * 1000 / step["ms_median"])
-    assert len(step["times_ms"]) == step["steps"]
+    for step in record["steps"]:
+        assert step["images_per_s"] == pytest.approx(step["images_per_step"] * 1000 / step["ms_median"])
+        assert len(step["times_ms"]) == step["steps"]
     assert record["environment"]["torch"] == torch.__version__
     return record
 
 
-def test_dino_benchmark_writes_figures(tiny_imagefolder, tmp_path, capsys):
+def fake_cpu(monkeypatch, native_bf16: bool) -> None:
+    """The CPU seen through /proc/cpuinfo: with or without avx512_bf16; SSL_CPU_AMP unset."""
+    flags = "avx2 avx512f avx512_bf16" if native_bf16 else "avx2 avx512f"
+    monkeypatch.setattr(amp, "_host_cpuinfo", lambda: f"flags\t\t: {flags}\n")
+    monkeypatch.delenv("SSL_CPU_AMP", raising=False)
+
+
+def test_dino_benchmark_writes_fp32_and_the_automatic_choice(tiny_imagefolder, tmp_path, capsys, monkeypatch):
+    """Two rows by default, whatever --use_fp16 says: fp32, and bf16 on a CPU with native bf16."""
+    fake_cpu(monkeypatch, native_bf16=True)
     out = tmp_path / "dino.json"
     dino_benchmark.main([
         "--arch", "vit_pico", "--patch_size", "4", "--img_size", "16", "--local_crop_size", "8",
@@ -66,12 +76,31 @@ def test_dino_benchmark_writes_figures(tiny_imagefolder, tmp_path, capsys):
         "--bench_workers", "0", "--bench_batches", "2", "--bench_json", str(out)])
     record = read_record(out)
     assert record["config"]["crops"] == "2x16+2x8" and record["config"]["batch"] == 4
-    assert record["step"]["images_per_step"] == 4
+    assert [step["precision"] for step in record["steps"]] == ["fp32", "bf16 (auto)"]
+    assert all(step["images_per_step"] == 4 and step["peak_memory_mb"] > 0 for step in record["steps"])
+    assert "avx512_bf16" in record["steps"][1]["precision_line"]
     assert [entry["workers"] for entry in record["data_pipeline"]] == [0]
     assert record["data_pipeline"][0]["images_per_s"] > 0
     printed = capsys.readouterr().out
-    assert "[dino vit_pico/4 2x16+2x8 out_dim 32 batch 4 cpu fp32] train step:" in printed
+    name = "[dino vit_pico/4 2x16+2x8 out_dim 32 batch 4 cpu]"
+    assert f"{name} train step fp32: " in printed
+    assert f"{name} precision: bf16 autocast on cpu (the CPU has avx512_bf16" in printed
+    ratio = record["steps"][1]["images_per_s"] / record["steps"][0]["images_per_s"]
+    assert f"{name} train step bf16 (auto): " in printed and f", {ratio:.2f}x fp32, " in printed
     assert "data pipeline: 0 workers" in printed
+
+
+def test_benchmark_auto_is_fp32_on_a_cpu_without_bf16_and_precisions_can_be_chosen(monkeypatch):
+    fake_cpu(monkeypatch, native_bf16=False)
+    assert bench.mixed_precision("auto", "cpu").dtype == torch.float32
+    assert bench.mixed_precision("bf16", "cpu").dtype == torch.bfloat16
+    assert bench.mixed_precision("bf16", "cuda").dtype == torch.bfloat16
+    assert bench.mixed_precision("auto", "cuda", amp_dtype="bf16").dtype == torch.bfloat16
+    with pytest.raises(UserError, match="fp16 is not available on CPU"):
+        bench.mixed_precision("fp16", "cpu")
+    assert bench.precision_list("fp32, AUTO,fp32") == ["fp32", "auto"]
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated list of fp32, auto, bf16, fp16"):
+        bench.precision_list("fp8")
 
 
 def test_moby_benchmark_writes_figures(tiny_imagefolder, tmp_path, capsys):
@@ -81,11 +110,12 @@ def test_moby_benchmark_writes_figures(tiny_imagefolder, tmp_path, capsys):
         "--data-path", str(tiny_imagefolder), "--opts", "MODEL.SWIN.EMBED_DIM", "12", "MODEL.SWIN.DEPTHS",
         "[1, 1]", "MODEL.SWIN.NUM_HEADS", "[1, 2]", "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", "16",
         "--bench_steps", "2", "--bench_warmup", "1", "--bench_workers", "0", "--bench_batches", "2",
-        "--bench_json", str(out)])
+        "--bench_json", str(out), "--bench_precision", "bf16"])
     record = read_record(out)
     assert record["config"]["queue"] == 16 and record["config"]["img_size"] == 32
     assert record["data_pipeline"][0]["workers"] == 0
-    assert "queue 16 batch 4 cpu fp32] train step:" in capsys.readouterr().out
+    assert [step["precision"] for step in record["steps"]] == ["bf16"]
+    assert "queue 16 batch 4 cpu] train step bf16: " in capsys.readouterr().out
 
 
 def test_benchmark_bad_flags_are_one_line_errors(capsys):
@@ -93,6 +123,12 @@ def test_benchmark_bad_flags_are_one_line_errors(capsys):
         dino_benchmark.main(["--bench_steps", "0", "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "--bench_steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        dino_benchmark.main(["--profile", "--device", "cpu"])  # main_dino.py's flag: not timed here
+    assert exit_info.value.code == 2 and "pass it to dino/main_dino.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        dino_benchmark.main(["--bench_precision", "fp64", "--device", "cpu"])
+    assert exit_info.value.code == 2 and "comma-separated list" in capsys.readouterr().err
 
 
 def test_launch_script_lists_the_comparison_set():

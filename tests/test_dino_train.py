@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from dino import eval_knn, eval_linear, main_dino, visualize_attention
-from ssl_runtime import report
+from dino.loss import DINOLoss
+from ssl_runtime import amp, report
 from ssl_runtime.checkpoint import load_checkpoint
 from ssl_runtime.optim import OPTIMIZERS
 from tests.conftest import make_imagefolder, run_entry_quietly
@@ -191,3 +192,25 @@ def test_every_optimizer_crosses_the_frozen_epoch_straight_and_on_resume(fake_to
     assert final["epoch"] == 2
     for key, value in final["student"].items():
         assert torch.equal(value, students[2][key]), key
+
+
+def test_mixed_precision_on_a_cpu_with_native_bf16_trains_in_bf16(tmp_path, tiny_imagefolder, capsys,
+                                                                   monkeypatch):
+    """No precision flag (--use_fp16 true, upstream's default) on a CPU with avx512_bf16: bf16
+    autocast, said in one line; the checkpoint keeps upstream's fp32 weights and no loss scaler."""
+    monkeypatch.setattr(amp, "_host_cpuinfo", lambda: "flags\t\t: avx2 avx512f avx512_bf16\n")
+    monkeypatch.delenv("SSL_CPU_AMP")
+    seen = []
+    forward = DINOLoss.forward
+    monkeypatch.setattr(DINOLoss, "forward", lambda self, s, t, e: seen.append(s.dtype) or forward(self, s, t, e))
+    flags = [f for f in TRAIN if f not in ("--use_fp16", "false")]
+    main_dino.main(flags + ["--data_path", str(tiny_imagefolder), "--output_dir", str(tmp_path),
+                            "--epochs", "1", "--num_steps", "2", "--amp_dtype", "fp16"])
+    text = capsys.readouterr().out
+    assert ("precision: bf16 autocast on cpu (the CPU has avx512_bf16; SSL_CPU_AMP=fp32 to turn it off)"
+            in text.splitlines())
+    assert seen == [torch.bfloat16] * 2  # the student's outputs, under autocast
+    assert re.search(r"loss: \d+\.\d+", text) and "nan" not in text
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert "fp16_scaler" not in ckpt
+    assert all(v.dtype == torch.float32 for v in ckpt["student"].values() if v.is_floating_point())

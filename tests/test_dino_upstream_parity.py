@@ -132,22 +132,56 @@ def images_of(size, batch: int = 2) -> torch.Tensor:
 
 # ------------------------------------------------------------------ ViT features at every size
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_vit_features_equal_upstream_at_every_size(size):
+def vit_pico_and_upstream(size):
+    """Our vit_pico with the official-layout weights, the images, and upstream's outputs on them."""
     state = official_state()
     model = build_backbone("vit_pico", PATCH, 224).eval()
     model.load_state_dict(state)
     images = images_of(size)
-    expected, expected_attention = upstream_forward(state, images)
+    return model, images, *upstream_forward(state, images)
+
+
+def assert_features_close(model, images, expected, rtol: float) -> None:
+    """The [CLS] feature, and eval_linear's path: final-norm tokens of the last blocks."""
     with torch.no_grad():
-        assert_close(model(images), expected[-1][:, 0])
-        # eval_linear's path: final-norm tokens of the last blocks, [CLS] and patch tokens
+        assert_close(model(images), expected[-1][:, 0], rtol)
         layers = model.get_intermediate_layers(images, n=DEPTH, return_prefix_tokens=True, norm=True)
     for (patches, prefix), want in zip(layers, expected):
-        assert_close(prefix[:, 0], want[:, 0])
-        assert_close(patches, want[:, 1:])
+        assert_close(prefix[:, 0], want[:, 0], rtol)
+        assert_close(patches, want[:, 1:], rtol)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_vit_features_equal_upstream_at_every_size(size):
+    model, images, expected, expected_attention = vit_pico_and_upstream(size)
+    assert_features_close(model, images, expected, FEATURE_RTOL)
     # visualize_attention's path (the weights are probabilities: an absolute bound)
     assert_close(last_self_attention(model, images), expected_attention, rtol=1e-5 / expected_attention.max())
+
+
+# bf16 autocast: what mixed precision computes on a CPU with native bf16, and with --amp_dtype bf16 on
+# NPU/GPU. bf16 keeps 8 significant bits, so each rounding to bf16 errs by at most u = 2^-8 = 0.0039
+# of the value rounded. On the path to a feature autocast rounds the two operands and the result of
+# every matrix product: the patch convolution, and per block qkv, q @ k^T, attention @ v, proj, fc1
+# and fc2, 13 products and N = 39 roundings (their sums accumulate in fp32, whose 2^-24 is negligible
+# here; LayerNorm, softmax and the residual sums see the rounded values but add no bf16 rounding of
+# their own). The LayerNorms keep every rounded value at about the scale of the features, so each
+# rounding moves a feature by at most ~u of that scale; N independent errors, uniform in [-u, u]
+# (standard deviation u / sqrt(3)), add up to sqrt(N / 3) u = 3.6 u. BF16_FEATURE_RTOL = 4 u covers
+# that; the worst case N u = 0.15 would let a misplaced [CLS] entry or a transposed grid through.
+# (Measured: at most 1.1 u at every size.)
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
+BF16_FEATURE_RTOL = 4 * BF16_UNIT_ROUNDOFF
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_vit_features_in_bf16_equal_upstream_to_bf16_precision(size):
+    model, images, expected, _ = vit_pico_and_upstream(size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_features_close(model, images, expected, BF16_FEATURE_RTOL)
+        # and it did compute in bf16: further from the reference than fp32 ever is
+        with pytest.raises(AssertionError):
+            assert_features_close(model, images, expected, FEATURE_RTOL)
 
 
 def test_native_size_is_timms_own_computation():

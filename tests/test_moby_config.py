@@ -84,6 +84,16 @@ def test_opts_then_cli_shortcuts_win():
     assert c.TRAIN.EPOCHS == 4 and c.DEVICE == "auto" and c.LOCAL_RANK == 0
 
 
+def test_amp_dtype_key_and_flag():
+    parser = base_parser("t")
+    cfg = str(CONFIGS / "moby_swin_cpu.yaml")
+    assert parse_config(parser, ["--cfg", cfg])[1].AMP_DTYPE == "fp16"  # upstream's fp16 by default
+    assert parse_config(parser, ["--cfg", cfg, "--amp-dtype", "bf16"])[1].AMP_DTYPE == "bf16"
+    assert parse_config(parser, ["--cfg", cfg, "--opts", "AMP_DTYPE", "bf16"])[1].AMP_DTYPE == "bf16"
+    with pytest.raises(UserError, match="AMP_DTYPE is 'fp8': use one of fp16, bf16"):
+        parse_config(parser, ["--cfg", cfg, "--opts", "AMP_DTYPE", "fp8"])
+
+
 def test_unknown_key_in_yaml_names_key_and_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("TRAIN:\n  EPOCHZ: 3\n")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from moby import eval_knn, main_linear, main_moby, nearest_neighbors
-from ssl_runtime import report
+from moby import model as model_module
+from ssl_runtime import amp, report
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CFG = str(ROOT / "configs" / "moby_swin_cpu.yaml")
@@ -179,3 +180,20 @@ def test_user_errors_exit_with_code_2(tiny_imagefolder, tmp_path, capsys):
 
 # The 2-process run (keys gathered into the queues, linear evaluation) is in
 # tests/test_accelerator_paths.py, under the process group that refuses what NCCL/HCCL refuse.
+
+
+def test_o1_on_a_cpu_with_native_bf16_trains_in_bf16_and_says_so(tiny_imagefolder, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setattr(amp, "_host_cpuinfo", lambda: "processor\t: 0\nFeatures\t: fp asimd sve bf16\n")
+    monkeypatch.delenv("SSL_CPU_AMP")
+    seen = []
+    monkeypatch.setattr(model_module, "contrastive_terms",
+                        lambda q, *rest, f=model_module.contrastive_terms: seen.append(q.dtype) or f(q, *rest))
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path, "--steps", "2", "--epochs", "1"))
+    out = capsys.readouterr().out
+    assert "precision: bf16 autocast on cpu (the CPU has bf16; SSL_CPU_AMP=fp32 to turn it off)" in out
+    assert seen == [torch.bfloat16] * 4  # the predictions of 2 steps x 2 directions
+    saved = torch.load(run_dir(tmp_path) / "checkpoint.pth", weights_only=True)
+    assert saved["amp"] == {}  # no loss scaler, as upstream's O0 layout
+    assert all(v.dtype == torch.float32 for k, v in saved["model"].items()
+               if k.startswith("encoder.") and v.is_floating_point())

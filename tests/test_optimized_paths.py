@@ -23,12 +23,13 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dino.loss import DINOLoss
 from dino.main_dino import build_optimizer_for, get_args_parser, set_schedule_values, train_step
 from dino.models import build_dino_networks
 from moby.engine import TrainState, train_step as moby_train_step
-from moby.model import build_moby
+from moby.model import build_moby, contrastive_loss
 from moby.optimization import build_optimizer as build_moby_optimizer
 from ssl_runtime.amp import MixedPrecision
 from ssl_runtime.compat import fused_optimizer_devices
@@ -249,3 +250,117 @@ def test_moby_step_matches_the_plain_step():
 def test_moby_comparison_catches_a_one_percent_change(perturbation):
     _, weights = compare_moby_steps(**PERTURBATIONS[perturbation])  # measured: 6000x, 2300x the bound
     assert weights != []
+
+
+# ---------------------------------------------------------------- bf16 autocast
+
+# The same steps under bf16 autocast (mixed precision on a CPU with native bf16; --amp_dtype bf16 on
+# NPU/GPU) against the plain float64 step, on the first step (whose weights are the same on both
+# sides: later steps let Adam turn any difference in a near-zero gradient into a step of size lr).
+#
+# bf16 keeps 8 significant bits: a rounding to bf16 errs by at most u = 2^-8 = 0.0039 of the value.
+# Autocast rounds the two operands and the result of every matrix product (sums accumulate in fp32).
+# Counting products on the way to the networks' outputs: DINO's vit_pico, 13 (patch convolution; per
+# block qkv, q @ k^T, attention @ v, proj, fc1, fc2) plus the head's 3 MLP layers and last layer, 17;
+# MoBY's 2-block Swin, 12 + the patch convolution + the patch merging + projector (2) + predictor (2),
+# 18. N = 3 x 18 = 54 roundings at most. Taken as independent errors uniform in [-u, u] (standard
+# deviation u / sqrt(3)), each acting on values at the scale of the output (LayerNorms keep them
+# there), every output element carries an error of standard deviation at most
+# sigma = sqrt(N / 3) u = 4.2 u = 0.017 of its tensor's rms. To first order the loss moves by
+# sum(dL/dy * error) over those outputs y: standard deviation sigma * sqrt(sum(|dL/dy|^2 rms(y)^2)),
+# computed from the float64 side's gradients. The tolerances are 5 standard deviations (a maximum
+# over thousands of elements stays below that). Measured (torch 2.14 / 2.1, whose autocast lists
+# differ): DINO loss 0.3 / 1.4 standard deviations, centre 0.7 / 0.6; MoBY loss 0.06, queued keys 2.4.
+BF16_U = 2.0 ** -8
+BF16_SIGMA = math.sqrt(3 * 18 / 3) * BF16_U
+BF16_SIGMAS = 5
+
+
+def bf16_loss_bound(outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> float:
+    """BF16_SIGMAS standard deviations of the loss's first-order change (see above)."""
+    variance = sum(float(g.square().sum() * y.detach().square().mean()) for y, g in zip(outputs, grads))
+    return BF16_SIGMAS * BF16_SIGMA * math.sqrt(variance)
+
+
+def bf16() -> MixedPrecision:
+    return MixedPrecision.from_level("O1", "cpu", cpu_dtype="bf16")
+
+
+def test_dino_step_in_bf16_matches_the_plain_step_to_bf16_precision():
+    args = dino_args()
+    ctx = single_process_context("cpu")
+    torch.manual_seed(0)
+    student, teacher, _ = build_dino_networks(args)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    ref_student, ref_teacher = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
+    optimizer = build_optimizer_for(student, args, ctx)
+    set_schedule_values(optimizer, LR, WD)
+    dino_loss = DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, args.epochs)
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(2)] + \
+             [torch.randn(4, 3, 8, 8, generator=generator) for _ in range(2)]
+    loss = train_step(student, teacher, dino_loss, images, optimizer, bf16(), 0, MOMENTUM, args,
+                      (list(student.parameters()), list(teacher.parameters())))
+
+    plain = [im.double() for im in images]
+    teacher_out = torch.cat([ref_teacher(im) for im in plain[:2]]).requires_grad_()
+    student_out = torch.cat([ref_student(im) for im in plain])
+    center = torch.zeros(1, args.out_dim, dtype=torch.float64)
+    expected = loop_dino_loss(student_out, teacher_out, center, len(plain), 0.1, 0.04)
+    grads = torch.autograd.grad(expected, [student_out, teacher_out])
+    error = abs(float(loss) - float(expected.detach()))
+    assert error <= bf16_loss_bound([student_out, teacher_out], grads), error
+    assert error > HALF_DIGITS * float(expected.detach())  # it did compute in bf16
+    # the centre: 0.1 x the mean of the teacher's outputs, each off by at most 5 sigma of their rms
+    teacher_out = teacher_out.detach()
+    center_error = float((dino_loss.center.double() - 0.1 * teacher_out.mean(0)).abs().max())
+    assert center_error <= 0.1 * BF16_SIGMAS * BF16_SIGMA * float(teacher_out.square().mean().sqrt())
+
+
+def test_moby_step_in_bf16_matches_the_plain_step_to_bf16_precision():
+    config = tiny_config("MODEL.MOBY.ONLINE_DROP_PATH_RATE", "0.0", "DATA.IMG_SIZE", "16",
+                         "MODEL.SWIN.WINDOW_SIZE", "4", "TRAIN.CLIP_GRAD", "0.5", "TRAIN.BASE_LR", str(LR))
+    torch.manual_seed(0)
+    fast = build_moby(config, steps_per_epoch=10)
+    plain = copy.deepcopy(fast).double()
+    optimizer = build_moby_optimizer(config, fast, "cpu")
+    state = TrainState(optimizer, None, bf16(), single_process_context("cpu"), None, ThroughputMeter(4))
+    generator = torch.Generator().manual_seed(2)
+    views = [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(2)]
+    loss, _ = moby_train_step(fast, (*views, torch.zeros(4)), state, lambda m, b: m(b[0], b[1]),
+                              [p for p in fast.parameters() if p.requires_grad], config.TRAIN.CLIP_GRAD)
+
+    outputs = {}  # the predictor's and the target projector's outputs (before normalisation), per view
+
+    def keep(name):
+        def hook(module, inputs, output):
+            outputs[f"{name} {len([k for k in outputs if k.startswith(name)]) + 1}"] = output
+        return hook
+    plain.predictor.register_forward_hook(keep("pred"))
+    plain.projector_k.register_forward_hook(keep("key"))
+    queues = plain.queue1.clone(), plain.queue2.clone()
+    expected = plain(*[v.double() for v in views]).detach()
+    # the loss again from those outputs, differentiable in the target's too (computed under no_grad)
+    pred_1, pred_2 = outputs["pred 1"], outputs["pred 2"]
+    key_1, key_2 = (outputs[f"key {i}"].detach().requires_grad_() for i in (1, 2))
+    again = sum(contrastive_loss(F.normalize(pred, dim=1), F.normalize(key, dim=1), queue,
+                                 config.MODEL.MOBY.CONTRAST_TEMPERATURE)
+                for pred, key, queue in ((pred_1, key_2, queues[1]), (pred_2, key_1, queues[0])))
+    assert float(again.detach()) == pytest.approx(float(expected), rel=1e-12)
+    grads = torch.autograd.grad(again, [pred_1, pred_2, key_1, key_2])
+    outputs = [pred_1, pred_2, key_1, key_2]
+    error = abs(float(loss) - float(expected))
+    assert error <= bf16_loss_bound(outputs, grads), error
+    assert error > HALF_DIGITS * float(expected)  # it did compute in bf16
+    # the keys queued: unit vectors y / |y|, whose elements move by sigma * rms(y) / |y| = sigma / sqrt(d),
+    # then rounded to bf16 themselves (at most u |k|)
+    keys = [(name, buffer) for name, buffer in fast.named_buffers() if name.startswith("queue") and
+            buffer.is_floating_point()]
+    expected_keys = dict(plain.named_buffers())
+    for name, queue in keys:
+        expected_queue = expected_keys[name]
+        difference = float((queue.double() - expected_queue).abs().max())
+        allowed = BF16_SIGMAS * BF16_SIGMA / math.sqrt(queue.shape[0]) + BF16_U * float(expected_queue.abs().max())
+        assert difference <= allowed, (name, difference)
