@@ -418,21 +418,45 @@ at::Tensor back_to_npu(const at::Tensor& result, const std::vector<Converted>& a
   return to_npu(result, index);
 }
 
-// The CPU kernel of `op` on the host arguments at stack[first:]. Older CPU kernels lack float16
-// versions of some operators (torch 2.1: addmm, bmm, ...): those run in float32 on float32
-// copies, and their results are rounded back to float16 (in place for a mutated argument).
+// Matrix products whose float16/bfloat16 versions run in float32 on the host, rounded back: CPU
+// float16 GEMMs are ~30x slower than float32 ones here, and an NPU's cube unit accumulates in
+// float32 too.
+bool is_matrix_product(const c10::OperatorHandle& op) {
+  static const std::unordered_set<std::string> names{
+      "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::mv", "aten::addmv",
+      "aten::dot"};
+  return names.count(op.schema().name()) > 0;
+}
+
+c10::optional<at::ScalarType> low_precision_argument(const std::vector<c10::IValue>& args) {
+  for (const auto& value : args) {
+    if (value.isTensor() && value.toTensor().defined()) {
+      auto type = value.toTensor().scalar_type();
+      if (type == at::kHalf || type == at::kBFloat16) return type;
+    }
+  }
+  return c10::nullopt;
+}
+
+// The CPU kernel of `op` on the host arguments at stack[first:]. Matrix products in float16 or
+// bfloat16, and operators whose CPU kernel lacks float16 (torch 2.1: softmax, ...), run in
+// float32 on float32 copies; the results are rounded back (in place for a mutated argument).
 void run_on_host(const c10::OperatorHandle& op, torch::jit::Stack* stack, size_t first) {
   std::vector<c10::IValue> args(stack->begin() + first, stack->end());
-  try {
-    op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
-    return;
-  } catch (const c10::Error& error) {
-    if (std::string(error.what()).find("not implemented for 'Half'") == std::string::npos) throw;
+  c10::optional<at::ScalarType> low = is_matrix_product(op) ? low_precision_argument(args) : c10::nullopt;
+  if (!low.has_value()) {
+    try {
+      op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
+      return;
+    } catch (const c10::Error& error) {
+      if (std::string(error.what()).find("not implemented for 'Half'") == std::string::npos) throw;
+    }
+    low = at::kHalf;
   }
   stack->resize(first);
-  std::vector<std::pair<at::Tensor, at::Tensor>> widened;  // (float32 copy, float16 original)
+  std::vector<std::pair<at::Tensor, at::Tensor>> widened;  // (float32 copy, low-precision original)
   auto widen = [&](const at::Tensor& t) {
-    if (!t.defined() || t.scalar_type() != at::kHalf) return t;
+    if (!t.defined() || t.scalar_type() != *low) return t;
     widened.emplace_back(t.to(at::kFloat), t);
     return widened.back().first;
   };
@@ -444,7 +468,7 @@ void run_on_host(const c10::OperatorHandle& op, torch::jit::Stack* stack, size_t
     if (value.isTensor()) {
       value = widen(value.toTensor());
     } else if (type->kind() == c10::TypeKind::ScalarTypeType && value.isInt() &&
-               value.toInt() == static_cast<int64_t>(at::kHalf)) {
+               value.toInt() == static_cast<int64_t>(*low)) {
       value = static_cast<int64_t>(at::kFloat);  // e.g. _softmax_backward_data's input_dtype
     } else if (value.isTensorList()) {
       c10::List<at::Tensor> list;
@@ -465,7 +489,7 @@ void run_on_host(const c10::OperatorHandle& op, torch::jit::Stack* stack, size_t
         mutated = true;
       }
     }
-    if (!mutated && result.scalar_type() == at::kFloat) (*stack)[i] = result.to(at::kHalf);
+    if (!mutated && result.defined() && result.scalar_type() == at::kFloat) (*stack)[i] = result.to(*low);
   }
 }
 
@@ -534,18 +558,15 @@ void npu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 // ------------------------------------------------------------------------------ convolution
 
 // torch routes convolutions of devices it does not know to these two "overrideable" operators.
-// They run torch's CPU convolution on host views (in float32 where old CPU kernels lack float16).
+// They run torch's CPU convolution on host views; float16/bfloat16 ones in float32 (as matrix
+// products above), the results rounded back by the caller.
 template <typename Fn>
 auto on_host_widened(const std::vector<at::Tensor>& tensors, Fn fn) {
   std::vector<at::Tensor> host;
-  for (const auto& t : tensors) host.push_back(t.defined() ? as_host(t) : t);
-  try {
-    return fn(host);
-  } catch (const c10::Error& error) {
-    if (std::string(error.what()).find("not implemented for 'Half'") == std::string::npos) throw;
-  }
-  for (auto& t : host) {
-    if (t.defined() && t.scalar_type() == at::kHalf) t = t.to(at::kFloat);
+  for (const auto& t : tensors) {
+    at::Tensor h = t.defined() ? as_host(t) : t;
+    if (h.defined() && (h.scalar_type() == at::kHalf || h.scalar_type() == at::kBFloat16)) h = h.to(at::kFloat);
+    host.push_back(h);
   }
   return fn(host);
 }
