@@ -54,6 +54,15 @@ def test_numpy_of_a_device_tensor_fails(npu):
     assert torch.ones(2, device="npu").cpu().numpy().tolist() == [1.0, 1.0]
 
 
+def test_out_operators_write_into_and_grow_device_tensors(npu):
+    out = torch.empty(0, device="npu:1")
+    torch.arange(5.0, out=out)  # the CPU kernel grows its output: the device tensor follows
+    assert out.device == torch.device("npu", 1) and out.cpu().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    total = torch.zeros(1, device="npu:1")
+    torch.sum(out, dim=0, keepdim=True, out=total)
+    assert total.item() == 10.0
+
+
 def test_current_device_decides_where_npu_without_index_goes(npu):
     torch.npu.set_device(1)
     try:

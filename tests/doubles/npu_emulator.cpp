@@ -149,16 +149,21 @@ struct NpuAllocator final : c10::Allocator {
 };
 
 NpuAllocator* allocator_for(DeviceIndex index) {
-  static NpuAllocator allocators[kMaxDevices];
+  static NpuAllocator* allocators = [] {
+    auto* all = new NpuAllocator[kMaxDevices];
+    for (int i = 0; i < kMaxDevices; ++i) all[i].index = static_cast<DeviceIndex>(i);
+    return all;
+  }();
   check_index(index);
-  allocators[index].index = index;
   return &allocators[index];
 }
 
 // The allocator torch asks for by device type (e.g. storage(), UntypedStorage(device="npu")):
 // the current device's.
 struct CurrentDeviceAllocator final : c10::Allocator {
-  c10::DataPtr allocate(size_t nbytes) EMU_ALLOCATE_CONST override { return allocator_for(current_device)->allocate(nbytes); }
+  c10::DataPtr allocate(size_t nbytes) EMU_ALLOCATE_CONST override {
+    return allocator_for(current_device)->allocate(nbytes);
+  }
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
   EMU_COPY_DATA
 };
@@ -299,7 +304,6 @@ const at::Tensor& npu_resize_(const at::Tensor& self, at::IntArrayRef size,
                               c10::optional<at::MemoryFormat> memory_format) {
   auto* impl = self.unsafeGetTensorImpl();
   auto format = memory_format.value_or(at::MemoryFormat::Contiguous);
-  impl->empty_tensor_restride(format == at::MemoryFormat::Preserve ? at::MemoryFormat::Contiguous : format);
   impl->set_sizes_contiguous(size);
   if (format != at::MemoryFormat::Preserve && format != at::MemoryFormat::Contiguous) {
     impl->empty_tensor_restride(format);

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -40,6 +41,11 @@ def build() -> Path:
         fingerprint, _, library = stamp.read_text().partition("\n")
         if fingerprint == _fingerprint() and Path(library).is_file():
             return Path(library)
+    missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
+    if missing:
+        raise RuntimeError(f"the emulated NPU is a C++ extension built on first use, and {' and '.join(missing)} "
+                           "is not on PATH: install a C++ compiler and ninja (Debian: apt-get install g++ "
+                           "ninja-build; or pip install ninja)")
     folder.mkdir(parents=True, exist_ok=True)
     # cpp_extension warns at import that this machine has no CUDA runtime: irrelevant here
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
