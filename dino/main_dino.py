@@ -29,7 +29,7 @@ from dino.augment import build_dino_augmentation, eval_transform  # noqa: E402
 from dino.checkpoints import load_training_state  # noqa: E402
 from dino.loss import COLLAPSE_KL_FRACTION, DINOLoss, collapse_kind  # noqa: E402
 from dino.models import build_dino_networks, canonical_arch, is_vit  # noqa: E402
-from ssl_runtime.amp import AMP_DTYPES, MixedPrecision  # noqa: E402
+from ssl_runtime.amp import AMP_DTYPES, MixedPrecision, load_scaler_state  # noqa: E402
 from ssl_runtime.augment import use_batched, views_to_device  # noqa: E402
 from ssl_runtime.collapse import CollapseWatch  # noqa: E402
 from ssl_runtime.checkpoint import (add_trust_arg, load_first_readable, prepare_output_dir, previous_path,  # noqa: E402
@@ -51,7 +51,7 @@ from ssl_runtime.knn import KnnProbe  # noqa: E402
 from ssl_runtime.monitor import TENSORBOARD_DIR, TrainingMonitor  # noqa: E402
 from ssl_runtime.profiling import StepProfiler, add_profile_arg  # noqa: E402
 from ssl_runtime.optim import (OPTIMIZERS, build_optimizer, clear_gradients, held_still,  # noqa: E402
-                               param_groups_weight_decay)
+                               in_own_groups, param_groups_weight_decay)
 from ssl_runtime.schedules import cosine_schedule  # noqa: E402
 
 PRINT_FREQ = 10
@@ -252,6 +252,10 @@ def frozen_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> l
     can skip a parameter (see there for torch_npu's fused ones)."""
     if epoch >= freeze_last_layer:
         return []
+    return last_layer_parameters(model)
+
+
+def last_layer_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [param for name, param in model.named_parameters() if "last_layer" in name]
 
 
@@ -321,7 +325,7 @@ def train_step(student, teacher, dino_loss, images: list[torch.Tensor], optimize
 def set_schedule_values(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = float(lr)  # a Python number (the schedules are numpy): safe to unpickle
-        if i == 0:  # only the first group is regularised
+        if i == 0 or group.get("split_from") == 0:  # only the first group is regularised
             group["weight_decay"] = float(wd)
 
 
@@ -423,7 +427,7 @@ def restart_from_checkpoint(output_dir: Path, student, teacher, optimizer, mp, d
                         "--output_dir or the original flags") from None
     dino_loss.load_state_dict(checkpoint["dino_loss"])
     if checkpoint.get("fp16_scaler"):
-        mp.scaler.load_state_dict(checkpoint["fp16_scaler"])
+        load_scaler_state(mp.scaler, checkpoint["fp16_scaler"])
     restore_rng_state(checkpoint.get("rng"), device_type)
     step = int(checkpoint.get("epoch_step", 0))
     where = f"epoch {checkpoint['epoch']}" + (f", step {step}" if step else "")
@@ -448,6 +452,8 @@ def mixed_precision(args, device_type: str) -> MixedPrecision:
 
 def build_optimizer_for(student: nn.Module, args, ctx: DistContext) -> torch.optim.Optimizer:
     groups = param_groups_weight_decay(unwrap(student), args.weight_decay)
+    if args.optimizer == "npufusedadamw":  # its freeze restarts whole groups (see held_still)
+        groups = in_own_groups(groups, last_layer_parameters(unwrap(student)))
     # the lr and the group-0 weight decay are overwritten by the schedules at every step
     return build_optimizer(args.optimizer, groups, ctx.device_type, lr=0.0, momentum=0.9)
 

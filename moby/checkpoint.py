@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from yacs.config import CfgNode
 
+from ssl_runtime.amp import load_scaler_state
 from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, require_entries, save_atomic
 from ssl_runtime.errors import UserError
 from ssl_runtime.resilience import rng_state
@@ -155,7 +156,7 @@ def resume(config: CfgNode, model: torch.nn.Module, optimizer: torch.optim.Optim
         config.freeze()
         scaler_state = checkpoint.get("amp", checkpoint.get("scaler"))
         if scaler_state:
-            scaler.load_state_dict(scaler_state)
+            load_scaler_state(scaler, scaler_state)
         logger.info(f"=> loaded successfully '{config.MODEL.RESUME}' (epoch {checkpoint['epoch']})")
         max_accuracy = checkpoint.get("max_accuracy", 0.0)
     return max_accuracy

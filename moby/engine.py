@@ -68,11 +68,6 @@ def mixed_precision(config: CfgNode, device_type: str) -> MixedPrecision:
     return MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", device_type, amp_dtype=config.AMP_DTYPE)
 
 
-def mixed_precision(config: CfgNode, device_type: str) -> MixedPrecision:
-    """AMP_OPT_LEVEL and AMP_DTYPE on this device (see ssl_runtime.amp)."""
-    return MixedPrecision.from_level(config.AMP_OPT_LEVEL or "O0", device_type, amp_dtype=config.AMP_DTYPE)
-
-
 def last_epoch(config: CfgNode) -> int:
     """One past the last epoch to train: EPOCHS, or MAX_EPOCHS when it truncates the schedule."""
     if config.TRAIN.MAX_EPOCHS > 0:

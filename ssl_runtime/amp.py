@@ -164,6 +164,16 @@ def _grad_scaler(device_type: str):
     return grad_scaler(device_type)
 
 
+def load_scaler_state(scaler, state: dict) -> None:
+    """Resume loss scaling from a checkpoint written on any device. torch_npu's GradScaler needs
+    `dynamic` in its state (KeyError: 'dynamic' for the state of torch's GradScaler, e.g. a GPU
+    run's); torch's scalers ignore the key. Scaling that a checkpoint made is always dynamic
+    unless it says otherwise."""
+    if state and "dynamic" not in state and type(scaler).__module__.startswith("torch_npu"):
+        state = {**state, "dynamic": True}
+    scaler.load_state_dict(state)
+
+
 @dataclass
 class MixedPrecision:
     device_type: str

@@ -219,7 +219,9 @@ def loader_kwargs(device: torch.device | str) -> dict:
     kind = device_kind(device)
     if kind == "cpu":
         return {"pin_memory": False}
-    if kind == "npu":
+    if kind == "npu" and not hasattr(torch, "accelerator"):
+        # torch < 2.6 pins for CUDA unless told; newer ones pin for the current accelerator and
+        # deprecate pin_memory_device (a UserWarning at every epoch's loader)
         return {"pin_memory": True, "pin_memory_device": "npu"}
     return {"pin_memory": True}
 

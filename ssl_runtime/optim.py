@@ -167,17 +167,66 @@ def clear_gradients(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=not packs_gradients(optimizer))
 
 
+def in_own_groups(groups: list[dict], params: Iterable[torch.Tensor]) -> list[dict]:
+    """`groups` with `params` moved into groups of their own (same settings, after the others,
+    each marked with "split_from": the index of the group it came from; empty groups dropped).
+
+    What held_still needs on torch_npu's fused optimizers, which keep one step count per group."""
+    held = {id(p) for p in params}
+    kept, split = [], []
+    for index, group in enumerate(groups):
+        own = [p for p in group["params"] if id(p) in held]
+        rest = [p for p in group["params"] if id(p) not in held]
+        if rest or not own:
+            kept.append({**group, "params": rest})
+        if own:
+            split.append({**group, "params": own, "split_from": index})
+    return kept + split
+
+
+def _groups_of(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[int]:
+    """Indices of the parameter groups holding `params`, which must hold nothing else."""
+    held = {id(p) for p in params}
+    indices = [i for i, group in enumerate(optimizer.param_groups) if any(id(p) in held for p in group["params"])]
+    for i in indices:
+        if any(id(p) not in held for p in optimizer.param_groups[i]["params"]):
+            raise ValueError("held_still on a fused optimizer needs the held parameters in parameter groups "
+                             "of their own (ssl_runtime.optim.in_own_groups): it restarts a whole group's "
+                             "moments and step count")
+    return indices
+
+
+def _restart_fused_state(optimizer: torch.optim.Optimizer, indices: list[int]) -> None:
+    """Moments and step count of these groups back to a fresh start. torch_npu's fused optimizers
+    keep them per group and dtype in combined buffers after their first step
+    (combined_param_states_indexed_by_group), with each parameter's state['step'] alongside."""
+    combined = getattr(optimizer, "combined_param_states_indexed_by_group", None) or []
+    for index in indices:
+        states = [optimizer.state[p] for p in optimizer.param_groups[index]["params"] if p in optimizer.state]
+        if index < len(combined) and combined[index]:
+            states += [state for state in combined[index] if state]
+        for state in states:
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    value.zero_()
+            if "step" in state:
+                state["step"] = 0
+
+
 @contextlib.contextmanager
 def held_still(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Optimizer steps taken inside leave `params` exactly where they are (DINO's frozen last layer).
+    """Optimizer steps taken inside leave `params` exactly where they are (DINO's frozen last layer),
+    and the optimizer's state for them as if it had never seen them.
 
     torch optimizers skip a parameter whose gradient is None (upstream's way: no update, no
     weight decay, no moment or step-count change). torch_npu's fused optimizers cannot skip one,
     so, as Huawei's port does, the weights are put back after the step (undoing the update and the
-    weight decay) while the moments follow the real gradients. Zeroing those gradients instead
-    would leave the moments at zero under a step count that keeps advancing (one per group in the
-    fused buffers), and the first updates after the freeze would be several times upstream's
-    (README, "Ascend NPU").
+    weight decay); then their moments and their group's step count are cleared (the parameters
+    must have groups of their own: in_own_groups). The first update after the freeze then starts
+    from fresh moments at step 1, as upstream's does. (Putting the weights back alone left the
+    moments following the frozen epochs' gradients under a step count that kept advancing: the
+    first post-freeze updates were a fraction of upstream's, or several times them when the
+    gradients grew after the release.)
     """
     params = list(params)
     if not params or not packs_gradients(optimizer):
@@ -185,6 +234,7 @@ def held_still(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor])
             p.grad = None
         yield
         return
+    groups = _groups_of(optimizer, params)
     with torch.no_grad():
         for p in params:
             if p.grad is None:  # must exist at the first step to join the flat buffer
@@ -194,3 +244,4 @@ def held_still(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor])
     with torch.no_grad():
         for p, weights in zip(params, kept):
             p.copy_(weights)
+        _restart_fused_state(optimizer, groups)

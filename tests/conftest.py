@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import builtins
+import importlib
 import io
 import signal
 import socket
+import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ssl_runtime.distributed import single_process_context
+
+DOUBLES = Path(__file__).resolve().parent / "doubles"
 
 
 def run_entry_quietly(entry, argv: list[str]) -> str:
@@ -75,3 +80,37 @@ def restore_sigterm_handler():
     handler = signal.getsignal(signal.SIGTERM)
     yield
     signal.signal(signal.SIGTERM, handler)
+
+
+_TORCH_NPU_MODULES: dict = {}  # the double's modules, imported once per process
+
+
+def pytest_sessionstart(session):
+    """Register the emulated NPU devices before any test runs a backward pass: torch's autograd
+    engine sizes its per-device queues once, at its first backward, from the devices registered
+    then, and a device added later fails its first backward (INTERNAL ASSERT device_ready_queues_).
+    Only the device is registered here; torch_npu and torch.npu come with the fixture below."""
+    sys.path.insert(0, str(DOUBLES))
+    try:
+        import npu_emulator
+        if torch._C._get_privateuse1_backend_name() != "npu":
+            torch.utils.rename_privateuse1_backend("npu")  # as torch_npu does at import
+        npu_emulator.load()
+    finally:
+        sys.path.remove(str(DOUBLES))
+
+
+@pytest.fixture
+def fake_torch_npu(monkeypatch):
+    """`import torch_npu` finds the double (tests/doubles/torch_npu: the emulated NPU, see
+    tests/doubles/README.md) for the test's duration; other tests find no torch_npu. The double is
+    imported once per process (torch keeps its device module and the emulated device for good)."""
+    monkeypatch.syspath_prepend(str(DOUBLES))
+    if _TORCH_NPU_MODULES:
+        sys.modules.update(_TORCH_NPU_MODULES)
+    module = importlib.import_module("torch_npu")
+    yield module
+    for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
+        module = sys.modules.pop(name)
+        if module is not None:  # None: a test's stand-in for a broken install
+            _TORCH_NPU_MODULES[name] = module

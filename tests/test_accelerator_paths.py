@@ -1,45 +1,39 @@
-"""NPU and multi-device paths proven on a CPU machine, through test doubles that fail the way the
-real stacks fail (tests/doubles): torch_npu's fused AdamW and GradScaler contracts, and a process
-group that refuses what NCCL/HCCL refuse. The slow tests run DINO and MoBY pretraining (crossing
-DINO's freeze_last_layer), resume, linear and k-NN evaluation in 2 processes under that group."""
+"""NPU and multi-device paths of the project, in this process, on the emulated NPU of tests/doubles
+(tensors on npu:N, torch_npu's fused AdamW and GradScaler contracts): optimizer choice, DINO's
+freeze on every optimizer against upstream's semantics, the loss-scaler state across devices, the
+collective-tensor rule. The 2-process runs are in tests/test_npu_runs.py."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib
-import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port, make_imagefolder
+from conftest import make_imagefolder, run_entry_quietly
 from dino import main_dino
 from dino.loss import DINOLoss
-from dino.models import build_dino_networks
 from moby.engine import TrainState, train_step as moby_train_step
 from moby.config import get_config
 from moby.main_moby import moby_loss
 from moby.model import build_moby
 from moby.optimization import build_optimizer as build_moby_optimizer
 from ssl_runtime import distributed, meters
-from ssl_runtime.amp import MixedPrecision
+from ssl_runtime.amp import MixedPrecision, load_scaler_state
 from ssl_runtime.checkpoint import load_checkpoint
 from ssl_runtime.compat import fused_optimizer_devices
+from ssl_runtime.device import npu_available, resolve_device
 from ssl_runtime.distributed import check_collective_tensor, single_process_context
 from ssl_runtime.errors import UserError
 from ssl_runtime.meters import SmoothedValue, ThroughputMeter
-from ssl_runtime.optim import build_optimizer, clear_gradients, held_still, param_groups_weight_decay
+from ssl_runtime.optim import (LARS, build_optimizer, clear_gradients, held_still, in_own_groups,
+                               param_groups_weight_decay)
 from ssl_runtime.resilience import restore_rng_state, rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
-DOUBLES = ROOT / "tests" / "doubles"
-LAUNCH = str(DOUBLES / "launch.py")
 DINO_TINY = ["--arch", "vit_pico", "--patch_size", "4", "--img_size", "32", "--local_crop_size", "16",
              "--local_crops_number", "2", "--out_dim", "64", "--batch_size_per_gpu", "4",
              "--warmup_epochs", "0", "--num_workers", "0", "--use_fp16", "false", "--device", "cpu"]
@@ -51,65 +45,14 @@ MOBY_TINY = ["MODEL.SWIN.EMBED_DIM", "12", "MODEL.SWIN.DEPTHS", "[1, 1]", "MODEL
 MOBY_CPU_CFG = str(ROOT / "configs" / "moby_swin_cpu.yaml")
 
 
-@pytest.fixture
-def fake_torch_npu(monkeypatch):
-    """`import torch_npu` finds the double (tests/doubles/torch_npu) for the test's duration."""
-    def forget():
-        for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
-            del sys.modules[name]
-    forget()
-    monkeypatch.syspath_prepend(str(DOUBLES))
-    yield importlib.import_module("torch_npu")
-    forget()
-
-
-# ---------------------------------------------------------------- the doubles themselves
-
-def test_fused_adamw_double_computes_adamw_and_keeps_torch_npus_contract(fake_torch_npu):
-    """Same numbers as torch's AdamW for the parameters it packed; set_to_none refused; a gradient
-    replaced after packing ignored; a parameter without gradient at packing time fails later."""
-    torch.manual_seed(0)
-    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
-    ref = torch.nn.Parameter(a.detach().clone())
-    fused = fake_torch_npu.optim.NpuFusedAdamW([a, b], lr=0.1, weight_decay=0.05)
-    plain = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.05, foreach=False)
-    assert fused.is_fused_optimizer
-    with pytest.raises(ValueError, match="set_to_none is not supported in fused optimizers"):
-        fused.zero_grad(set_to_none=True)
-    for step in range(3):
-        fused.zero_grad()
-        plain.zero_grad()
-        (a.square() * (step + 1)).sum().backward()
-        (ref.square() * (step + 1)).sum().backward()
-        fused.step()
-        plain.step()
-        torch.testing.assert_close(a, ref, rtol=1e-6, atol=1e-7)
-    assert b.grad is None  # b never had a gradient: not packed
-    before = a.detach().clone()
-    fused.zero_grad()
-    a.grad = torch.ones_like(a)  # a new tensor after packing: the fused step never sees it
-    fused.step()
-    torch.testing.assert_close(a, before * (1 - 0.1 * 0.05) - 0.1 * _adam_direction(fused, a))
-    (b * 2).sum().backward()
-    with pytest.raises(KeyError, match="step"):
-        fused.step()
-
-
-def _adam_direction(optimizer, p):
-    """The bias-corrected AdamW direction after a zero gradient, from the state the double kept."""
-    state, (beta1, beta2) = optimizer.state[p], optimizer.param_groups[0]["betas"]
-    t = state["step"]
-    m_hat = state["exp_avg"] / (1 - beta1 ** t)
-    v_hat = state["exp_avg_sq"] / (1 - beta2 ** t)
-    return m_hat / (v_hat.sqrt() + optimizer.param_groups[0]["eps"])
-
+# ---------------------------------------------------------------- the doubles with the project
 
 def test_npu_grad_scaler_double_refuses_torch_fused_optimizers(fake_torch_npu):
     """torch_npu's GradScaler hands optimizers that scale themselves `grad_scaler=`, which torch's
     fused AdamW does not accept: the reason the NPU default is the foreach AdamW."""
     if "cpu" not in fused_optimizer_devices():
-        pytest.skip("this torch has no fused CPU AdamW to show it with")
-    p = torch.nn.Parameter(torch.ones(3))
+        pytest.skip("this torch has no fused AdamW kernel to show it with")
+    p = torch.nn.Parameter(torch.ones(3, device="npu"))
     scaler = fake_torch_npu.npu.amp.GradScaler()
     optimizer = torch.optim.AdamW([p], fused=True)
     scaler.scale(p.sum()).backward()
@@ -118,22 +61,22 @@ def test_npu_grad_scaler_double_refuses_torch_fused_optimizers(fake_torch_npu):
 
 
 def test_torch_npu_double_installs_torch_npu(fake_torch_npu):
-    assert torch.npu is fake_torch_npu.npu and not torch.npu.is_available()
-    assert torch.device("npu", 1).type == "npu"
+    assert torch.npu is fake_torch_npu.npu and torch.npu.is_available()
+    assert npu_available() and resolve_device("auto") == "npu"
 
 
 # ---------------------------------------------------------------- optimizer choice and steps
 
 def test_npufusedadamw_by_name_and_a_clear_error_without_torch_npu(fake_torch_npu, monkeypatch):
-    params = [torch.nn.Parameter(torch.ones(2))]
-    assert type(build_optimizer("npufusedadamw", [{"params": params}], "cpu")).__name__ == "NpuFusedAdamW"
+    params = [torch.nn.Parameter(torch.ones(2, device="npu"))]
+    assert type(build_optimizer("npufusedadamw", [{"params": params}], "npu")).__name__ == "NpuFusedAdamW"
     monkeypatch.setitem(sys.modules, "torch_npu.optim", None)  # as if torch_npu were not installed
     with pytest.raises(UserError, match="torch_npu does not import"):
         build_optimizer("npufusedadamw", [{"params": params}], "npu")
 
 
 def test_default_adamw_on_npu_is_torchs_and_steps_under_the_npu_grad_scaler(fake_torch_npu):
-    params = [torch.nn.Parameter(torch.ones(3))]
+    params = [torch.nn.Parameter(torch.ones(3, device="npu"))]
     optimizer = build_optimizer("adamw", [{"params": params}], "npu", lr=0.1)
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["foreach"]
     assert not optimizer.defaults.get("fused")
@@ -148,7 +91,7 @@ def test_default_adamw_on_npu_is_torchs_and_steps_under_the_npu_grad_scaler(fake
 
 
 def test_clear_gradients_keeps_fused_buffers_and_frees_the_rest(fake_torch_npu):
-    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    p, q = (torch.nn.Parameter(torch.ones(2, device="npu")) for _ in range(2))
     fused = fake_torch_npu.optim.NpuFusedAdamW([p])
     plain = torch.optim.AdamW([q])
     for optimizer, param in ((fused, p), (plain, q)):
@@ -162,11 +105,20 @@ def test_clear_gradients_keeps_fused_buffers_and_frees_the_rest(fake_torch_npu):
             assert param.grad is None
 
 
+def _frozen_and_free(name: str, weights: tuple[torch.Tensor, torch.Tensor], device: str):
+    """(frozen, free) parameters on `device`, and an optimizer of `name` over them as DINO builds it:
+    a fused optimizer gets the frozen one in a group of its own."""
+    frozen, free = (torch.nn.Parameter(w.to(device)) for w in weights)
+    groups = [{"params": [frozen, free], "weight_decay": 0.05}]
+    if name == "npufusedadamw":
+        groups = in_own_groups(groups, [frozen])
+    return frozen, free, build_optimizer(name, groups, device, lr=0.01)
+
+
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lars", "npufusedadamw"])
 def test_held_still_parameters_do_not_move_on_any_optimizer(fake_torch_npu, name):
     torch.manual_seed(0)
-    held, free = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(3, 2))
-    optimizer = build_optimizer(name, [{"params": [held, free], "weight_decay": 0.1}], "cpu", lr=0.1)
+    held, free, optimizer = _frozen_and_free(name, (torch.randn(3, 2), torch.randn(3, 2)), "npu")
     start_held, start_free = held.detach().clone(), free.detach().clone()
     for _ in range(3):
         clear_gradients(optimizer)
@@ -174,8 +126,10 @@ def test_held_still_parameters_do_not_move_on_any_optimizer(fake_torch_npu, name
         with held_still(optimizer, [held]):
             optimizer.step()
     assert torch.equal(held, start_held) and not torch.equal(free, start_free)
-    if name == "npufusedadamw":  # in the buffer, weights put back: its moments saw 3 gradients 2 * held
-        torch.testing.assert_close(optimizer.state[held]["exp_avg"], (1 - 0.9 ** 3) * 2 * start_held)
+    if name == "npufusedadamw":  # stepped in its buffer, then weights and state put back to fresh
+        state = optimizer.state[held]
+        assert state["step"] == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+        assert [s["step"] for s in optimizer.combined_param_states_indexed_by_group[1] if s["exp_avg"] is not None] == [0]
     else:  # upstream's grad = None: the optimizer never touched it
         assert not optimizer.state[held]
     clear_gradients(optimizer)
@@ -184,49 +138,99 @@ def test_held_still_parameters_do_not_move_on_any_optimizer(fake_torch_npu, name
     assert not torch.equal(held, start_held)
 
 
-def test_after_the_freeze_the_fused_optimizer_moves_the_layer_as_upstream_adamw_does(fake_torch_npu):
-    """Constant gradients: AdamW moves each coordinate by lr per step, from a fresh state
-    (upstream's, which skipped the frozen layer) as from moments that followed the gradients during
-    the freeze (the fused optimizer's, weights put back). Moments held at zero under the advancing
-    step count would not: 0.7x here, 2.7x-5.5x after a 1251-step epoch."""
-    gradient = torch.tensor([1.0, -2.0, 3.0, 0.5])
-    upstream, fused = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
-    optimizers = {id(upstream): torch.optim.AdamW([upstream], lr=0.01, weight_decay=0.0, foreach=False),
-                  id(fused): fake_torch_npu.optim.NpuFusedAdamW([fused], lr=0.01, weight_decay=0.0)}
-    for steps, frozen in ((50, True), (5, False)):
-        for _ in range(steps):
-            for p in (upstream, fused):
-                optimizer = optimizers[id(p)]
-                clear_gradients(optimizer)
-                (p * gradient).sum().backward()
-                with held_still(optimizer, [p] if frozen else []):
+def test_held_still_on_a_fused_optimizer_needs_a_group_of_their_own(fake_torch_npu):
+    held, free = (torch.nn.Parameter(torch.ones(2, device="npu")) for _ in range(2))
+    optimizer = fake_torch_npu.optim.NpuFusedAdamW([held, free])
+    with pytest.raises(ValueError, match="parameter groups of their own"):
+        with held_still(optimizer, [held]):
+            pass
+
+
+def test_in_own_groups_keeps_the_settings_and_says_where_a_group_came_from():
+    a, b, c = (torch.nn.Parameter(torch.ones(1)) for _ in range(3))
+    groups = [{"params": [a, b], "weight_decay": 0.04}, {"params": [c], "weight_decay": 0.0}]
+    split = in_own_groups(groups, [b, c])
+    assert [([id(p) for p in g["params"]], g["weight_decay"], g.get("split_from")) for g in split] == [
+        ([id(a)], 0.04, None), ([id(b)], 0.04, 0), ([id(c)], 0.0, 1)]
+    optimizer = torch.optim.AdamW(split)
+    main_dino.set_schedule_values(optimizer, 0.5, 0.3)  # the wd schedule reaches group 0's part too
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.3, 0.3, 0.0]
+
+
+UPSTREAM_OPTIMIZERS = {  # torch's plain implementations (LARS is the project's, upstream DINO's)
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.05, foreach=False),
+    "npufusedadamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.05, foreach=False),
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=0.05, foreach=False),
+    "lars": lambda params: LARS(params, lr=0.01, weight_decay=0.05, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lars", "npufusedadamw"])
+def test_the_first_20_updates_after_the_freeze_are_upstreams(fake_torch_npu, name):
+    """5 frozen steps, then the first 20 updates of the released layer, against upstream's
+    semantics: torch's plain optimizer, the layer's gradient None while frozen (it never sees it).
+    The gradients vary, and grow 10x at the release (with a constant gradient Adam moves every
+    weight by lr per step whatever its history, which hides a wrong history). The updates are
+    ~1e-2; two float32 implementations of the same arithmetic differ by rounding of the ~1-sized
+    weights (1e-7 a step), far inside 1e-6; a moment or step count carried over from the freeze
+    changes them by tens of percent."""
+    torch.manual_seed(0)
+    weights = (torch.randn(3, 4), torch.randn(3, 4))
+    gradients = [(torch.randn(3, 4) * (10.0 if k >= 5 else 1.0), torch.randn(3, 4)) for k in range(25)]
+
+    def updates(device: str, ours: bool) -> list[torch.Tensor]:
+        if ours:
+            frozen, free, optimizer = _frozen_and_free(name, weights, device)
+        else:
+            frozen, free = (torch.nn.Parameter(w.clone()) for w in weights)
+            optimizer = UPSTREAM_OPTIMIZERS[name]([{"params": [frozen, free]}])
+        moves = []
+        for k, (g_frozen, g_free) in enumerate(gradients):
+            clear_gradients(optimizer)
+            ((frozen * g_frozen.to(device)).sum() + (free * g_free.to(device)).sum()).backward()
+            before = frozen.detach().cpu().clone()
+            if ours:
+                with held_still(optimizer, [frozen] if k < 5 else []):
                     optimizer.step()
-    expected = torch.ones(4) - 5 * 0.01 * gradient.sign()
-    torch.testing.assert_close(upstream.detach(), expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(fused.detach(), expected, rtol=0, atol=1e-6)
+            else:
+                if k < 5:
+                    frozen.grad = None  # upstream DINO's cancel_gradients_last_layer
+                optimizer.step()
+            if k >= 5:
+                moves.append(frozen.detach().cpu() - before)
+        return moves
+
+    for ours, upstream in zip(updates("npu", True), updates("cpu", False)):
+        torch.testing.assert_close(ours, upstream, rtol=0, atol=1e-6)
+
+
+def _dino_args(*extra: str) -> argparse.Namespace:
+    args = main_dino.get_args_parser().parse_args([*DINO_TINY, *extra])
+    main_dino.validate_args(args)
+    return args
 
 
 @pytest.mark.parametrize("optimizer_name", ["adamw", "npufusedadamw"])
 def test_dino_step_freezes_the_last_layer_in_epoch_0_and_trains_it_in_epoch_1(fake_torch_npu, optimizer_name):
-    ctx = single_process_context("cpu")
-    args = main_dino.get_args_parser().parse_args(DINO_TINY + ["--optimizer", optimizer_name,
-                                                               "--epochs", "2", "--freeze_last_layer", "1"])
-    main_dino.validate_args(args)
+    """On the emulated NPU with DINO's defaults: fp16 autocast and torch_npu's loss scaler."""
+    ctx = single_process_context("npu")
+    args = _dino_args("--optimizer", optimizer_name, "--epochs", "2", "--freeze_last_layer", "1",
+                      "--device", "npu", "--use_fp16", "true")
     torch.manual_seed(0)
     student, teacher = main_dino.build_student_teacher(args, ctx)
-    loss_fn = DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, args.epochs)
+    loss_fn = DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, args.epochs).to(ctx.device)
     optimizer = main_dino.build_optimizer_for(student, args, ctx)
-    precision = MixedPrecision.from_flag(False, "cpu")
+    precision = MixedPrecision.from_flag(True, "npu")
     params = (list(student.parameters()), list(teacher.parameters()))
     last = {n: p for n, p in student.named_parameters() if "last_layer" in n and p.requires_grad}
     first = student.backbone.patch_embed.proj.weight
-    assert last
+    assert last and first.device.type == "npu"
     generator = torch.Generator().manual_seed(1)
 
     def step(epoch: int) -> None:
         main_dino.set_schedule_values(optimizer, 1e-3, 0.04)
-        images = [torch.randn(4, 3, 32, 32, generator=generator) for _ in range(2)] + \
-                 [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(2)]
+        images = [torch.randn(4, 3, 32, 32, generator=generator).to(ctx.device) for _ in range(2)] + \
+                 [torch.randn(4, 3, 16, 16, generator=generator).to(ctx.device) for _ in range(2)]
         main_dino.train_step(student, teacher, loss_fn, images, optimizer, precision, epoch, 0.99, args,
                              params)
 
@@ -245,19 +249,67 @@ def test_moby_step_with_the_npu_default_optimizer_and_scaler(fake_torch_npu):
     config = get_config(argparse.Namespace(cfg=MOBY_CPU_CFG, opts=MOBY_TINY + [
         "DATA.IMG_SIZE", "16", "MODEL.SWIN.WINDOW_SIZE", "4", "MODEL.MOBY.CONTRAST_NUM_NEGATIVE", "16"]))
     torch.manual_seed(0)
-    model = build_moby(config, steps_per_epoch=4)
+    ctx = single_process_context("npu")
+    model = build_moby(config, steps_per_epoch=4).to(ctx.device)
     optimizer = build_moby_optimizer(config, model, "npu")
-    # the NPU scaler on CPU tensors: autocast stays off (no NPU), loss scaling is the NPU one
-    precision = dataclasses.replace(MixedPrecision.from_level("O1", "npu"), dtype=torch.float32)
-    state = TrainState(optimizer, None, precision, single_process_context("cpu"), None, ThroughputMeter(4))
+    precision = MixedPrecision.from_level("O1", "npu")  # fp16 autocast, torch_npu's loss scaler
+    state = TrainState(optimizer, None, precision, ctx, None, ThroughputMeter(4))
     params = [p for p in model.parameters() if p.requires_grad]
     start = params[0].detach().clone()
     generator = torch.Generator().manual_seed(2)
-    for _ in range(2):
-        views = [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(2)]
-        batch = (*views, torch.zeros(4))
+    for _ in range(6):  # fp16 gradients of a loss scaled by 2**16 overflow at first: steps skipped
+        views = [torch.randn(4, 3, 16, 16, generator=generator).to(ctx.device) for _ in range(2)]
+        batch = (*views, torch.zeros(4, device=ctx.device))
         moby_train_step(model, batch, state, moby_loss, params, config.TRAIN.CLIP_GRAD)
-    assert not torch.equal(params[0], start)
+    assert not torch.equal(params[0], start) and precision.scaler.get_scale() < 2.0 ** 16
+
+
+# ---------------------------------------------------------------- loss-scaler state across devices
+
+TORCH_SCALER_STATE = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                      "_growth_tracker": 7}  # torch's GradScaler.state_dict() (CUDA, CPU): no `dynamic`
+
+
+def test_torch_scaler_state_is_what_torch_writes():
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch 2.1 has no CPU GradScaler to ask")
+    assert torch.amp.GradScaler("cpu").state_dict().keys() == TORCH_SCALER_STATE.keys()
+
+
+def test_a_gpu_runs_scaler_state_resumes_on_npu(fake_torch_npu):
+    scaler = MixedPrecision.from_level("O1", "npu").scaler
+    load_scaler_state(scaler, dict(TORCH_SCALER_STATE))
+    assert scaler.state_dict() == {**TORCH_SCALER_STATE, "dynamic": True}
+    scaler.scale(torch.ones((), device="npu"))
+    assert scaler.get_scale() == 1024.0
+    plain = torch.amp.GradScaler("cpu") if hasattr(torch.amp, "GradScaler") else None
+    if plain is not None:  # and the NPU's state (with `dynamic`) on torch's scaler
+        load_scaler_state(plain, scaler.state_dict())
+        assert plain.get_scale() == 1024.0
+
+
+@pytest.mark.slow
+def test_dino_checkpoints_of_cpu_and_gpu_runs_resume_on_npu(fake_torch_npu, tmp_path):
+    """A CPU run's checkpoint (no loss scaler) and a GPU run's (torch's scaler state) resume on NPU,
+    where DINO's default fp16 runs torch_npu's scaler."""
+    data = make_imagefolder(tmp_path / "data", classes=2, per_class=4)
+    common = [*DINO_TINY[:-4], "--data_path", str(data)]  # without DINO_TINY's precision and device
+    cpu_run = [*common, "--output_dir", str(tmp_path / "cpu"), "--device", "cpu", "--use_fp16", "true"]
+    run_entry_quietly(main_dino.main, [*cpu_run, "--epochs", "1"])
+    assert "fp16_scaler" not in torch.load(tmp_path / "cpu" / "checkpoint.pth", weights_only=False)
+    npu_run = [*common, "--device", "npu", "--use_fp16", "true", "--epochs", "2"]
+    out = run_entry_quietly(main_dino.main, [*npu_run, "--output_dir", str(tmp_path / "cpu")])
+    assert "resumed student, teacher, optimizer, dino_loss" in out and "at epoch 1" in out
+    resumed = torch.load(tmp_path / "cpu" / "checkpoint.pth", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["fp16_scaler"]["dynamic"] is True
+
+    gpu = tmp_path / "gpu"  # the CPU checkpoint as a GPU run writes it: with torch's scaler state
+    gpu.mkdir()
+    checkpoint = torch.load(tmp_path / "cpu" / "checkpoint.pth", weights_only=False)
+    checkpoint.update(epoch=1, fp16_scaler=dict(TORCH_SCALER_STATE))
+    torch.save(checkpoint, gpu / "checkpoint.pth")
+    run_entry_quietly(main_dino.main, [*npu_run, "--output_dir", str(gpu)])
+    assert torch.load(gpu / "checkpoint.pth", weights_only=False)["fp16_scaler"]["_growth_tracker"] == 7 + 2
 
 
 def test_bf16_on_npu_has_no_loss_scaling_fp16_keeps_torch_npus_scaler(fake_torch_npu):
@@ -269,18 +321,16 @@ def test_bf16_on_npu_has_no_loss_scaling_fp16_keeps_torch_npus_scaler(fake_torch
 
 
 def _dino_state(args, ctx, precision):
-    """A tiny DINO run's objects after one step under `precision` (on CPU tensors: the NPU double
-    has no autocast, so the step computes in fp32 through the precision's scaler)."""
+    """A tiny DINO run's objects after one step under `precision`, on the emulated NPU."""
     torch.manual_seed(0)
     student, teacher = main_dino.build_student_teacher(args, ctx)
-    loss_fn = DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, args.epochs)
+    loss_fn = DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, args.epochs).to(ctx.device)
     optimizer = build_optimizer("adamw", param_groups_weight_decay(student, 0.04), "npu")  # NPU's default
     main_dino.set_schedule_values(optimizer, 1e-3, 0.04)
     generator = torch.Generator().manual_seed(1)
-    images = [torch.randn(4, 3, 32, 32, generator=generator) for _ in range(2)] + \
-             [torch.randn(4, 3, 16, 16, generator=generator) for _ in range(2)]
-    computing = dataclasses.replace(precision, dtype=torch.float32)
-    main_dino.train_step(student, teacher, loss_fn, images, optimizer, computing, 1, 0.99, args,
+    images = [torch.randn(4, 3, 32, 32, generator=generator).to(ctx.device) for _ in range(2)] + \
+             [torch.randn(4, 3, 16, 16, generator=generator).to(ctx.device) for _ in range(2)]
+    main_dino.train_step(student, teacher, loss_fn, images, optimizer, precision, 1, 0.99, args,
                          (list(student.parameters()), list(teacher.parameters())))
     return student, teacher, optimizer, loss_fn
 
@@ -288,7 +338,7 @@ def _dino_state(args, ctx, precision):
 def test_dino_checkpoints_of_bf16_and_fp16_runs_resume_each_other(fake_torch_npu, tmp_path):
     """--amp_dtype bf16 saves upstream's --use_fp16 false layout (no fp16_scaler key); a bf16 run
     resumes an fp16 checkpoint (its loss scale unused) and an fp16 run a bf16 one (a fresh scale)."""
-    ctx = single_process_context("cpu")
+    ctx = single_process_context("npu")
     layouts = {}
     for dtype in ("fp16", "bf16"):
         args = main_dino.get_args_parser().parse_args(
@@ -305,16 +355,18 @@ def test_dino_checkpoints_of_bf16_and_fp16_runs_resume_each_other(fake_torch_npu
     assert layouts["fp16"] - layouts["bf16"] == {"fp16_scaler"}
     assert "fp16_scaler" not in layouts["bf16"]
 
-    for dtype, checkpoint_dtype, scale in (("fp16", "fp16", 1024.0), ("fp16", "bf16", 2.0 ** 16),
+    unchanged = None  # a bf16 checkpoint holds no loss scale: the run keeps its own
+    for dtype, checkpoint_dtype, scale in (("fp16", "fp16", 1024.0), ("fp16", "bf16", unchanged),
                                            ("bf16", "fp16", 1.0)):
         args = main_dino.get_args_parser().parse_args(DINO_TINY + ["--epochs", "2", "--use_fp16", "true",
                                                                    "--amp_dtype", dtype])
         main_dino.validate_args(args)
         precision = main_dino.mixed_precision(args, "npu")
         student, teacher, optimizer, loss_fn = _dino_state(args, ctx, precision)
+        own_scale = precision.scaler.get_scale()
         epoch, _ = main_dino.restart_from_checkpoint(tmp_path / checkpoint_dtype, student, teacher,
                                                      optimizer, precision, loss_fn)
-        assert epoch == 1 and precision.scaler.get_scale() == scale
+        assert epoch == 1 and precision.scaler.get_scale() == (own_scale if scale is unchanged else scale)
 
 
 # ---------------------------------------------------------------- collectives and device state
@@ -377,90 +429,3 @@ def test_device_rng_state_round_trips_on_npu(fake_torch_npu):
     torch.npu.manual_seed(6)
     restore_rng_state(saved, "npu")
     assert torch.equal(torch.npu.get_rng_state(), first)
-
-
-# ---------------------------------------------------------------- 2 processes, checked collectives
-
-def torchrun(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Two CPU processes running `script` with the doubles (fake torch_npu, checked collectives)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", LAUNCH, script, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def ok(run: subprocess.CompletedProcess) -> str:
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    return run.stdout
-
-
-def _last_layer_state_index(args) -> int:
-    """Position of head.last_layer.weight_v in the optimizer's state (the order of its groups)."""
-    student, _, _ = build_dino_networks(args)
-    groups = param_groups_weight_decay(student, 0.0)
-    names = {id(p): n for n, p in student.named_parameters()}
-    order = [names[id(p)] for group in groups for p in group["params"]]
-    return order.index("head.last_layer.weight_v")
-
-
-@pytest.mark.slow
-def test_dino_two_processes_npu_fused_adamw_checked_collectives(tmp_path):
-    """DINO pretraining through the fused optimizer double under the checking group: epoch 0 with
-    the last layer frozen, epoch 1 training it, checkpoints, a resume into epoch 2; then linear
-    and k-NN evaluation of the result, also in 2 processes."""
-    data = make_imagefolder(tmp_path / "data", classes=2, per_class=8)
-    out = tmp_path / "out"
-    train = ["dino/main_dino.py", *DINO_TINY, "--optimizer", "npufusedadamw", "--freeze_last_layer", "1",
-             "--saveckp_freq", "1", "--data_path", str(data), "--output_dir", str(out)]
-    stdout = ok(torchrun(*train, "--epochs", "2"))
-    # 16 images / (4 per rank x 2 ranks) = 2 steps per epoch, each over a global batch of 8
-    assert "Epoch: [0/2]  [0/2]" in stdout and "global batch 8" in stdout
-    assert stdout.count("Throughput:") == 1  # printed by rank 0 only
-    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1]
-    first, second = (torch.load(out / f"checkpoint{e:04}.pth", weights_only=False) for e in (0, 1))
-    for name in ("head.last_layer.weight_v", "backbone.blocks.0.mlp.fc1.weight"):
-        # the teacher is an EMA of the student: equal exactly while the student's copy never moved
-        frozen = torch.equal(first["student"][name], first["teacher"][name])
-        assert frozen == name.startswith("head.last_layer"), name
-    assert not torch.equal(first["student"]["head.last_layer.weight_v"],
-                           second["student"]["head.last_layer.weight_v"])  # trained in epoch 1
-    args = main_dino.get_args_parser().parse_args(DINO_TINY)
-    main_dino.validate_args(args)
-    state = first["optimizer"]["state"][_last_layer_state_index(args)]
-    assert state["step"] == 2 and state["exp_avg"].abs().sum() > 0  # in the fused buffer, weights put back
-
-    resumed = ok(torchrun(*train, "--epochs", "3"))
-    assert "Found checkpoint at" in resumed and "Epoch: [2/3]" in resumed
-    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 3
-
-    model = ["--arch", "vit_pico", "--patch_size", "4", "--img_size", "32", "--device", "cpu", "--data_path",
-             str(data), "--pretrained_weights", str(out / "checkpoint.pth"), "--num_workers", "0"]
-    linear = ok(torchrun("dino/eval_linear.py", *model, "--epochs", "1", "--n_last_blocks", "1",
-                         "--num_labels", "2", "--batch_size_per_gpu", "4",
-                         "--output_dir", str(tmp_path / "lin")))
-    assert re.search(r"\* Acc@1 [\d.]+ loss [\d.]+", linear)
-    knn = ok(torchrun("dino/eval_knn.py", *model, "--nb_knn", "1", "5"))
-    assert "5-NN classifier result: Top1: " in knn
-
-
-@pytest.mark.slow
-def test_moby_two_processes_npu_fused_adamw_checked_collectives(tmp_path):
-    """MoBY pretraining with TRAIN.OPTIMIZER.NAME npufusedadamw under the checking group (the keys
-    of both ranks reach the queues), then linear evaluation in 2 processes (k-NN evaluation is
-    ssl_runtime.knn, run in 2 processes by the DINO test above)."""
-    data = make_imagefolder(tmp_path / "data", classes=3, per_class=8)
-    ok(torchrun("moby/main_moby.py", "--cfg", MOBY_CPU_CFG, "--data-path", str(data), "--batch-size", "4",
-                "--output", str(tmp_path / "out"), "--tag", "t", "--device", "cpu", "--epochs", "1",
-                "--opts", *MOBY_TINY, "TRAIN.OPTIMIZER.NAME", "npufusedadamw"))
-    run_dir = next((tmp_path / "out").glob("*/t"))
-    assert (run_dir / "log_rank0.txt").is_file() and (run_dir / "log_rank1.txt").is_file()
-    saved = torch.load(run_dir / "checkpoint.pth", weights_only=False)
-    # 24 images over 2 ranks of 4: three steps whose 8 gathered keys each moved the pointer by
-    # the GLOBAL batch (without the all-gather it would be 12)
-    assert int(saved["model"]["queue_ptr"]) == 24 and saved["optimizer"]["state"]
-
-    linear = ok(torchrun("moby/main_linear.py", "--cfg", str(ROOT / "configs" / "moby_swin_cpu_linear.yaml"),
-                         "--data-path", str(data), "--batch-size", "4", "--output", str(tmp_path / "lin"),
-                         "--tag", "t", "--pretrained", str(run_dir / "checkpoint.pth"), "--epochs", "1",
-                         "--device", "cpu", "--opts", *MOBY_TINY))
-    assert " * Acc@1 " in linear

@@ -19,7 +19,6 @@ from ssl_runtime import amp, report
 from ssl_runtime.checkpoint import load_checkpoint
 from ssl_runtime.optim import OPTIMIZERS
 from tests.conftest import make_imagefolder, run_entry_quietly
-from tests.test_accelerator_paths import fake_torch_npu  # noqa: F401 (a fixture: torch_npu's double)
 
 ARCH = ["--arch", "vit_pico", "--patch_size", "4", "--img_size", "32", "--device", "cpu"]
 TRAIN = ARCH + ["--local_crop_size", "16", "--local_crops_number", "2", "--out_dim", "64",
@@ -176,9 +175,12 @@ def test_every_optimizer_crosses_the_frozen_epoch_straight_and_on_resume(fake_to
                                                                          tiny_imagefolder, optimizer):
     """--freeze_last_layer 1, 6 steps per epoch: a straight 2-epoch run, and the same run stopped
     after 3 and 6 steps and resumed each time, end with the same weights. (sgd crashed in
-    torch._fused_sgd_ at the first step after the freeze; npufusedadamw: torch_npu's test double.)"""
+    torch._fused_sgd_ at the first step after the freeze; npufusedadamw: torch_npu's test double on
+    the emulated NPU.)"""
     train = TRAIN + ["--data_path", str(tiny_imagefolder), "--optimizer", optimizer, "--epochs", "2",
                      "--freeze_last_layer", "1", "--lr", "0.01"]
+    if optimizer == "npufusedadamw":  # torch_npu's optimizers take NPU tensors only: the emulated NPU
+        train += ["--device", "npu"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_entry_quietly(main_dino.main, train + ["--output_dir", str(straight)])
     students = []

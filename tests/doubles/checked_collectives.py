@@ -108,9 +108,10 @@ def install(device_type: str = "cpu") -> None:
     original = dist.init_process_group
 
     def init_checked(*args, **kwargs):
-        kwargs.pop("backend", None)
+        backend = kwargs.pop("backend", None)
         if args:
-            args = args[1:]  # the positional backend
-        return original(BACKEND, *args, **kwargs)
+            backend, args = args[0], args[1:]  # the positional backend
+        # a CPU run's gloo becomes the checking group; hccl (the emulated NPU's) stays itself
+        return original(BACKEND if backend in (None, "gloo") else backend, *args, **kwargs)
 
     dist.init_process_group = init_checked

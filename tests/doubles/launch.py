@@ -1,6 +1,6 @@
 """Run a project script with the test doubles: `python tests/doubles/launch.py SCRIPT ARGS...`
-(also as torchrun's script). The fake torch_npu becomes importable and the default process group
-is the device-checking gloo group (see README.md here).
+(also as torchrun's script). The torch_npu double (the emulated NPU, its hccl backend) becomes
+importable, and a CPU run's gloo process group is the device-checking one (see README.md here).
 
 A process that reaches interpreter exit with its process group still alive fails here every
 time (exit 3): real gloo aborts in that teardown about one run in four on torch 2.14
