@@ -96,8 +96,13 @@ def pytest_sessionstart(session):
         if torch._C._get_privateuse1_backend_name() != "npu":
             torch.utils.rename_privateuse1_backend("npu")  # as torch_npu does at import
         npu_emulator.load()
+    except RuntimeError as exc:  # no compiler: the tests that need the device fail with this
+        _EMULATOR_ERROR.append(exc)
     finally:
         sys.path.remove(str(DOUBLES))
+
+
+_EMULATOR_ERROR: list = []
 
 
 @pytest.fixture
@@ -105,6 +110,8 @@ def fake_torch_npu(monkeypatch):
     """`import torch_npu` finds the double (tests/doubles/torch_npu: the emulated NPU, see
     tests/doubles/README.md) for the test's duration; other tests find no torch_npu. The double is
     imported once per process (torch keeps its device module and the emulated device for good)."""
+    if _EMULATOR_ERROR:
+        pytest.fail(f"the emulated NPU could not be built: {_EMULATOR_ERROR[0]}")
     monkeypatch.syspath_prepend(str(DOUBLES))
     if _TORCH_NPU_MODULES:
         sys.modules.update(_TORCH_NPU_MODULES)
