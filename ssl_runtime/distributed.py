@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import device as devices
-from .errors import UserError
+from .errors import UserError, at_entry_point_end
 
 TIMEOUT_ENV = "SSL_DIST_TIMEOUT_MIN"
 
@@ -317,3 +317,6 @@ def shutdown() -> None:
     _host_group = None
     _handed_over.clear()
     _set_collective_device(torch.device("cpu"))
+
+
+at_entry_point_end(shutdown)  # an entry point that ends leaves its process group itself
