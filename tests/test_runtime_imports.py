@@ -15,7 +15,8 @@ def imported_modules(source: str) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("ssl_runtime.")}
+            found |= {alias.name.split(".")[1] for alias in node.names
+                      if alias.name.startswith("ssl_runtime.")}
         elif isinstance(node, ast.ImportFrom):
             if node.level == 1 or node.module == "ssl_runtime":
                 base = node.module if node.level == 1 else None
