@@ -18,6 +18,7 @@ that asking about SIGTERM never waits behind the accelerator's queue.
 
 Every tensor handed to a collective also stays referenced here for a while after the call (see
 _hand_over): on torch < 2.8 that is what lets shutdown() destroy the group without hanging.
+shutdown() ends the group and its backend threads for real, whatever the program still holds (see there).
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import gc
 import os
 import subprocess
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from . import device as devices
-from .errors import UserError
+from .errors import UserError, at_entry_point_end
 
 TIMEOUT_ENV = "SSL_DIST_TIMEOUT_MIN"
 
@@ -113,12 +116,21 @@ def init_distributed(device_request: str | None = "auto", local_rank: int = -1,
         if dist_url == "env://" and "MASTER_ADDR" not in os.environ:
             raise UserError("world size > 1 but MASTER_ADDR is not set: launch with torchrun "
                             "(e.g. torchrun --nproc_per_node=8 ...) or set MASTER_ADDR/MASTER_PORT")
+        _import_group_defaults_while_no_group_exists()
         dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size,
                                 rank=rank, timeout=process_group_timeout())
     _set_collective_device(device)
     barrier()
     devices.set_fast_math(kind)
     return DistContext(rank, world_size, local, device, kind, backend, distributed)
+
+
+def _import_group_defaults_while_no_group_exists() -> None:
+    """torch.distributed.nn's functions take `group=group.WORLD` as a default argument, evaluated at
+    their first import. DDP's constructor imports them (through torch._dynamo on torch 2.14): after
+    init_process_group, those defaults pin the world group for the life of the interpreter, so
+    destroy_process_group cannot end it (see shutdown). Imported before, the defaults are None."""
+    import torch.distributed.nn  # noqa: F401
 
 
 def single_process_context(device_request: str | None = "cpu") -> DistContext:
@@ -281,12 +293,17 @@ def all_gather_object(obj) -> list:
     return out
 
 
+_ddp_models: weakref.WeakSet = weakref.WeakSet()  # what wrap_ddp made; shutdown() detaches them
+
+
 def wrap_ddp(model: torch.nn.Module, ctx: DistContext, **kwargs) -> torch.nn.Module:
     """DistributedDataParallel when running distributed, the bare model otherwise."""
     if not ctx.distributed:
         return model
     device_ids = None if ctx.device_type == "cpu" else [ctx.local_rank]
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **kwargs)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **kwargs)
+    _ddp_models.add(ddp)
+    return ddp
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -304,16 +321,38 @@ def convert_sync_batchnorm(module: torch.nn.Module, ctx: DistContext) -> torch.n
 
 
 def shutdown() -> None:
-    """Destroy the process group (all of its groups) while the interpreter is still whole.
+    """End the process group (all of its groups) and its backend's threads while the interpreter is
+    whole. A DDP model from wrap_ddp still alive afterwards is only its .module (unwrap).
 
-    Left to interpreter exit, gloo's teardown aborts the process about one run in four on torch
-    2.14 ("terminate called without an active exception", exit -6), failing a job that finished
-    its work; NCCL warns that the group leaked. The tensors of recent collectives are released
-    only after the destroy (see _hand_over).
+    Why in this order: gloo runs collectives on the group's worker threads, and a worker lets go of
+    a finished collective after the caller moved on; when that frees a Python object (autograd's
+    context, which the all-reduce DDP issues during backward carries on torch 2.14; a tensor Python
+    dropped) the worker needs the GIL. destroy_process_group() ends the threads only if it drops the
+    last reference to the group (ProcessGroupGloo's destructor joins them, without the GIL on torch
+    >= 2.8). Another holder (a live DDP model's reducer; torch's own default arguments, see
+    _import_group_defaults_while_no_group_exists) kept them running into interpreter exit, and a
+    worker that was waiting for the GIL when Python began to finalize was ended by Python inside a
+    C++ destructor: std::terminate, "terminate called without an active exception", SIGABRT after
+    the job's work was done (on torch 2.1 also a hang). So DDP models let go of the group first,
+    garbage is collected (a DDP model dropped in a reference cycle), and the destroy drops the last
+    reference. The tensors of recent collectives are released only after it (see _hand_over).
     """
     global _host_group
-    if is_dist():
-        dist.destroy_process_group()
     _host_group = None
+    if is_dist():
+        for model in list(_ddp_models):
+            _detach_from_process_group(model)
+        gc.collect()
+        dist.destroy_process_group()
     _handed_over.clear()
     _set_collective_device(torch.device("cpu"))
+
+
+def _detach_from_process_group(model: torch.nn.parallel.DistributedDataParallel) -> None:
+    """Drop what holds the group in a DDP model: its reducer, the logger that holds the reducer,
+    and the group itself. Done before the destroy, so the destroy still drops the last reference."""
+    for name in ("reducer", "logger", "process_group"):
+        model.__dict__.pop(name, None)
+
+
+at_entry_point_end(shutdown)  # an entry point that ends leaves its process group itself

@@ -1,4 +1,7 @@
-"""User-facing errors: one clear line instead of a traceback from deep inside."""
+"""User-facing errors: one clear line instead of a traceback from deep inside.
+
+A leaf of ssl_runtime (it imports none of its modules): what must happen when an entry point ends
+(ssl_runtime.distributed's shutdown) is registered here by the module that owns it."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ T = TypeVar("T")
 EXIT_USER_ERROR = 2
 EXIT_CRASH = 1
 
+_at_end: list[Callable[[], None]] = []  # see at_entry_point_end
+
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, bad path, bad data). The message names the fix."""
@@ -24,17 +29,18 @@ def main_entry(fn: Callable[..., T]) -> Callable[..., T]:
     In a multi-process job the line names the rank (`error: [rank 1] ...`), any other exception
     is reported the same way after its traceback, and the process exits at once: its peers then
     see their collectives fail (instead of waiting for the process-group timeout) and stop too.
-    An entry point that ends (returns, or stops with SystemExit) destroys its process group.
+    An entry point that ends (returns, or stops with SystemExit) runs what at_entry_point_end
+    registered: it destroys its process group (ssl_runtime.distributed registers its shutdown).
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             result = fn(*args, **kwargs)
-            _leave_process_group()
+            _end_entry_point()
             return result
         except SystemExit:  # a deliberate stop (SIGTERM: 143, a NaN loss)
-            _leave_process_group()
+            _end_entry_point()
             raise
         except UserError as exc:
             _report(f"error: {rank_tag()}{user_message(exc)}", EXIT_USER_ERROR)
@@ -49,11 +55,15 @@ def main_entry(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def _leave_process_group() -> None:
-    """An entry point that ends leaves its process group itself: see distributed.shutdown."""
-    from ssl_runtime import distributed
+def at_entry_point_end(step: Callable[[], None]) -> None:
+    """Run `step()` whenever an entry point wrapped by main_entry ends (returns, or SystemExit)."""
+    if step not in _at_end:
+        _at_end.append(step)
 
-    distributed.shutdown()
+
+def _end_entry_point() -> None:
+    for step in _at_end:
+        step()
 
 
 def _report(line: str, code: int) -> None:

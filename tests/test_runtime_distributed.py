@@ -162,3 +162,95 @@ def test_collective_tensors_are_held_for_hold_seconds_then_let_go(monkeypatch):
     clock.now += 0.5
     dist_utils._hand_over(third)
     assert [held.numel() for _, held in dist_utils._handed_over] == [2, 3]  # first let go
+
+
+# What a job may still hold when it ends, dropped in some order: DDP models (each reducer holds the
+# group, and with it gloo's worker threads), a loader with a worker process, and a collective that
+# the backend finishes after the caller moved on: rank 0 issues its last all-reduce during a backward
+# pass (on torch 2.14 the work then carries autograd's thread-local context, a Python object, and the
+# gloo worker that drops the work takes the GIL) and rank 1 joins it 1 s later, while rank 0 keeps
+# the GIL in its last exit handler (a busy loop, forced switches off); a finaliser lets go of the GIL
+# after Python began to finalize. Before the fix the group's threads outlived shutdown(): the worker,
+# waiting for the GIL, woke up in a finalizing interpreter, which ends such a thread, here inside a
+# C++ destructor: SIGABRT, "terminate called without an active exception" (on torch 2.1, where the
+# Python object is the tensor, some orders hung instead). Each rank also counts the threads started
+# since init_distributed that are still there after shutdown().
+TEARDOWN_RANK = """
+import atexit, gc, os, sys, time
+
+def keep_the_gil():  # registered first, so it runs last at exit, right before Python finalizes
+    sys.setswitchinterval(1000)  # no forced hand-over of the GIL to a thread waiting for it
+    while time.monotonic() < issued + 1.5:
+        pass
+
+atexit.register(keep_the_gil)
+import torch, torch.distributed as dist
+from ssl_runtime import distributed
+torch.set_num_threads(1)
+order, rank = sys.argv[1], int(os.environ["RANK"])
+
+def threads():
+    return set(os.listdir("/proc/self/task"))
+
+class WaitsAtExit:  # lets go of the GIL during interpreter exit, as a loader joining its workers does
+    def __del__(self, sleep=time.sleep):
+        sleep(0.5)
+
+freed_at_exit = WaitsAtExit()
+loader = iter(torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=1))
+next(loader)
+threads_before = threads()
+ctx = distributed.init_distributed("cpu")
+
+def trained_ddp_model():
+    model = distributed.wrap_ddp(torch.nn.Linear(2, 1), ctx)
+    model(torch.ones(4, 2)).sum().backward()
+    return model
+
+models = [trained_ddp_model() for _ in range(3)]
+
+def all_reduce_without_waiting(grad):
+    issue = dist.all_reduce
+    dist.all_reduce = lambda tensor, **kwargs: issue(tensor, async_op=True, **kwargs) and None
+    distributed.all_reduce_sum_(torch.ones(1))
+    dist.all_reduce = issue
+
+def backward_that_all_reduces():
+    y = torch.ones(1, requires_grad=True) * 2
+    y.register_hook(all_reduce_without_waiting)
+    y.sum().backward()
+
+issued = time.monotonic()
+if rank == 0:
+    backward_that_all_reduces()
+else:
+    time.sleep(1)
+    distributed.all_reduce_sum_(torch.ones(1))
+if order == "dropped_before":  # as in an entry point: its locals are gone when main_entry shuts down
+    del models, loader
+if order == "cycle":  # dropped before shutdown, but only the garbage collector can free them
+    cycle = [models, loader]
+    cycle.append(cycle)
+    del cycle, models, loader
+distributed.shutdown()
+print({"group_threads_left": len(threads() - threads_before)}, flush=True)
+if order == "dropped_after":
+    del models, loader
+    gc.collect()
+# "alive": the models and the loader live until interpreter exit
+"""
+
+
+@pytest.mark.parametrize("order", ["dropped_before", "cycle", "dropped_after", "alive"])
+def test_shutdown_ends_the_group_threads_whatever_the_job_still_holds(tmp_path, order):
+    script = tmp_path / "teardown_rank.py"
+    script.write_text(TEARDOWN_RANK)
+    ranks = start_ranks([sys.executable, str(script), order])
+    try:
+        outs = ["".join(rank.communicate(timeout=120)) for rank in ranks]
+    except subprocess.TimeoutExpired:
+        for rank in ranks:
+            rank.kill()
+        pytest.fail("a rank hung at teardown")
+    assert [rank.returncode for rank in ranks] == [0, 0], outs
+    assert all("{'group_threads_left': 0}" in out for out in outs), outs
