@@ -104,10 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[split + 1:]
     if not command:
         raise UserError("no evaluation command after --")
-    accuracy, cached = random_init_accuracy(command, Path(args.log))
+    print(report_random_init(command, Path(args.log)))
+
+
+def report_random_init(command: list[str], log: Path) -> str:
+    """random_init_accuracy, saying on stderr whether it was measured now or cached."""
+    accuracy, cached = random_init_accuracy(command, log)
     print(f"random-init accuracy {accuracy}: {'cached' if cached else 'measured now, kept'} in {cache_dir()}",
-          file=sys.stderr)
-    print(accuracy)
+          file=sys.stderr, flush=True)
+    return accuracy
 
 
 if __name__ == "__main__":

@@ -106,16 +106,15 @@ def test_eval_scripts_need_an_existing_checkpoint(tmp_path):
     assert done.returncode == 2 and "no such file" in done.stderr
 
 
-def test_parse_functions_can_be_used_without_running_anything(tmp_path):
-    """common.sh only defines functions when sourced; parse + resolve print the settings."""
-    code = ("source test/common.sh && ssl_parse_args perf --nproc=3 --device=cpu --model=moby "
-            "--epochs=7 && ssl_resolve perf 1 && ssl_print_settings")
-    done = subprocess.run(["bash", "-c", code], capture_output=True, text=True, cwd=REPO,
-                          env=script_env(tmp_path), timeout=60)
-    assert done.returncode == 0, done.stderr
-    settings = dict(line.split("=", 1) for line in done.stdout.splitlines())
-    assert settings["NPROC"] == "3" and settings["EPOCHS"] == "7" and settings["STEPS"] == "20"
-    assert settings["CASE_NAME"] == "Transformer-SSL_ID3434_for_PyTorch_bs64_3p_perf"
+def test_settings_can_be_resolved_without_running_anything(tmp_path):
+    """The launcher's parse and plan give a run's settings and commands; nothing starts."""
+    from ssl_runtime.launch_scripts import options, stages
+
+    parsed = options.parse("perf", 1, ["--nproc=3", "--device=cpu", "--model=moby", "--epochs=7"], env={})
+    settings = stages.plan(parsed, sys.executable, env={"SSL_TEST_OUTPUT": str(tmp_path)}).settings
+    assert settings.NPROC == 3 and settings.EPOCHS == 7 and settings.STEPS == 20
+    assert settings.CASE_NAME == "Transformer-SSL_ID3434_for_PyTorch_bs64_3p_perf"
+    assert not tmp_path.joinpath("0").exists()
 
 
 def test_full_8p_dino_defaults_on_cpu(tmp_path):
