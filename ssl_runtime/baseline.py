@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError, main_entry
+from .launch_scripts.layout import move_aside
 from .report import parse_accuracy
 
 
@@ -79,6 +80,7 @@ def random_init_accuracy(command: list[str], log: Path, cache: Path | None = Non
         except (ValueError, KeyError):
             pass  # a damaged entry is measured again
     log.parent.mkdir(parents=True, exist_ok=True)
+    move_aside(log)  # an earlier measurement's log is kept
     with log.open("w") as out:
         status = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT)
     if status != 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,57 @@ def test_dry_run_lists_settings_then_commands(tmp_path, capsys):
     assert [line.split("=")[0] for line in lines[:20]] == list(recipes.Settings.__dataclass_fields__)
     assert "STEPS=" in lines and lines[-3].startswith("PRETRAIN: py -m ssl_runtime.launch")
     assert lines[-1].startswith("RANDOM-INIT: ") and sys.executable not in lines[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# earlier attempts: resume or move aside, never delete
+
+COMMAND = ["-m", "ssl_runtime.launch", "--nproc_per_node=1", "dino/main_dino.py", "--epochs", "3", "--device", "cpu"]
+
+
+def test_decisions_about_an_earlier_attempt(tmp_path):
+    run_dir = tmp_path / "C_bs64_1p_acc"
+    assert layout.decide(run_dir, COMMAND, fresh=False).action == "new"
+    run_dir.mkdir()
+    assert "no launch.json" in layout.decide(run_dir, COMMAND, fresh=False).why  # not ours: kept aside
+    layout.write_state(run_dir, COMMAND, ["pretraining"])
+    assert layout.decide(run_dir, COMMAND, fresh=False) == layout.Attempt("resume", done=("pretraining",))
+    assert layout.decide(run_dir, COMMAND, fresh=True) == layout.Attempt("move_aside", "--fresh was given")
+    other = layout.decide(run_dir, [*COMMAND[:5], "4", *COMMAND[6:], "--profile"], fresh=False)
+    assert other.action == "move_aside" and other.why == "it was started with other settings (--epochs 3 -> 4; " \
+                                                         "--profile added)"
+    layout.write_state(run_dir, COMMAND, ["pretraining", "complete"])
+    assert layout.decide(run_dir, COMMAND, fresh=False) == layout.Attempt("move_aside", "it finished")
+    (run_dir / layout.STATE_FILE).write_text("{not json")
+    assert layout.decide(run_dir, COMMAND, fresh=False).action == "move_aside"
+
+
+def test_flag_changes_name_each_flag():
+    assert layout.flag_changes(["p.py", "--a", "1", "--b"], ["q.py", "--a", "1", "--c", "2"]) == [
+        "program p.py -> q.py", "--b dropped", "--c added"]
+    assert layout.flag_changes(["p.py", "--b"], ["p.py", "--b", "x"]) == ["--b (set) -> x"]
+
+
+def test_move_aside_renames_with_the_time_of_the_last_change_and_never_overwrites(tmp_path):
+    assert layout.move_aside(tmp_path / "absent") is None
+    first, second = tmp_path / "train_0.log", tmp_path / "train_0.log"
+    first.write_text("one")
+    os.utime(first, (0, 1_700_000_000))
+    kept_one = layout.move_aside(first)
+    second.write_text("two")
+    os.utime(second, (0, 1_700_000_000))
+    kept_two = layout.move_aside(second)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(1_700_000_000))
+    assert kept_one.name == f"train_0.log.{stamp}" and kept_two.name == f"train_0.log.{stamp}-2"
+    assert (kept_one.read_text(), kept_two.read_text()) == ("one", "two") and not first.exists()
+
+
+def test_resume_point_as_the_logs_count_epochs(tmp_path):
+    import torch
+
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 2, "epoch_step": 5, "student": {"w": torch.zeros(2)}}, path)
+    assert layout.resume_point("dino", path) == (2, 5)  # DINO saves the epoch to resume at
+    assert layout.resume_point("moby", path) == (3, 5)  # MoBY the last finished one
+    path.write_bytes(b"not a checkpoint")
+    assert layout.resume_point("dino", path) is None

@@ -32,11 +32,13 @@ flags (all optional, --name=value):
                       last train_full run's)
   --trust_checkpoint  read a --checkpoint the safe loader refuses (an official full checkpoint, an
                       older one of ours) with the full unpickler: only for files you trust
+  --fresh             start over: the earlier run of this case is renamed (kept), not resumed
   --bin=True|False    NPU: binary operators (True, the default) or online compilation (False)
   --conda_name=NAME   conda environment to activate first
   --more_path1=       accepted for compatibility with the Ascend scripts, ignored
   --dry_run           print the resolved settings and commands, run nothing
   --help              this text
+A rerun of the same command resumes its run from the last checkpoint (docs/launch.md).
 environment: ASCEND_DEVICE_ID (device of 1-process runs and name of the output folder, default 0),
   CANN_SET_ENV (CANN's set_env.sh), SSL_PYTHON (interpreter), SSL_TEST_OUTPUT (output root)"""
 
@@ -46,7 +48,7 @@ VALUE_FLAGS = {"data_path": "data_path", "model": "model", "batch_size": "batch_
                "node_rank": "node_rank", "master_addr": "master_addr", "master_port": "master_port",
                "cfg": "cfg", "checkpoint": "checkpoint", "conda_name": "conda_name", "bin": "bin",
                "more_path1": None}
-SWITCHES = {"trust_checkpoint": "trust", "dry_run": "dry_run"}
+SWITCHES = {"trust_checkpoint": "trust", "dry_run": "dry_run", "fresh": "fresh"}
 POSITIVE = ("batch_size", "epochs", "steps", "nproc", "nnodes", "master_port")
 
 # Huawei's DINO port copies the XCiT torch.hub cache from --more_path1; this DINO never uses torch.hub.
@@ -80,6 +82,7 @@ class Options:
     device_id: str = "0"
     trust: bool = False
     dry_run: bool = False
+    fresh: bool = False
     bin_given: bool = False
     notes: tuple[str, ...] = ()
 
@@ -165,5 +168,5 @@ def _check(o: Options, cwd: Path) -> None:
             o.checkpoint = _absolute(o.checkpoint, cwd)
     elif o.checkpoint or o.trust:
         raise UserError("--checkpoint is for eval_knn.sh, eval_linear.sh and eval_8p.sh (--trust_checkpoint "
-                        "too); training scripts start from scratch")
+                        "too); training scripts start from scratch (or resume their own earlier run)")
 

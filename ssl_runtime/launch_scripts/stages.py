@@ -23,7 +23,19 @@ from pathlib import Path
 from .. import baseline, report
 from ..errors import UserError
 from . import REPO
-from .layout import Layout, case_name, last_full_checkpoint, layout, output_root, pretrained_checkpoint
+from .layout import (
+    PRETRAINING_LOG,
+    Layout,
+    case_name,
+    decide,
+    last_full_checkpoint,
+    layout,
+    move_aside,
+    output_root,
+    pretrained_checkpoint,
+    resume_point,
+    write_state,
+)
 from .options import USAGE, HelpRequested, Options, parse
 from .recipes import (
     EVAL_LOG_PREFIX,
@@ -144,11 +156,13 @@ def exit_status(returncode: int) -> int:
 
 
 def run_stage(what: str, log: Path, command: list[str]) -> None:
-    """Run one stage with all its output in `log`; stop the script if it fails. SIGTERM (what a
+    """Run one stage with all its output in `log` (an earlier one renamed); stop the script if it
+    fails. SIGTERM (what a
     scheduler sends before it kills a job) is passed on to the stage, which saves a checkpoint and
     stops; a terminal's Ctrl-C reaches the stage directly (same process group)."""
     print(f"[{stamp()}] {what}: {shlex.join(command)}", flush=True)
     print(f"[{stamp()}] log: {log} (follow it with: tail -f {log})", flush=True)
+    move_aside(log)  # an earlier attempt's log is kept
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: process.send_signal(signum)),
@@ -162,6 +176,8 @@ def run_stage(what: str, log: Path, command: list[str]) -> None:
         lines = log.read_text(errors="replace").splitlines()[-20:]
         print(f"----- last lines of {log} -----", *lines, sep="\n", file=sys.stderr)
         print(f"error: {what} failed (exit {status}); read {log}", file=sys.stderr, flush=True)
+        if status in (130, 143):
+            print("rerun the same command to resume from the last checkpoint", file=sys.stderr, flush=True)
         raise SystemExit(status)
 
 
@@ -190,14 +206,65 @@ def fill_moby_checkpoint(run: Run) -> None:
     run.commands.evaluation = [str(found) if word == placeholder else word for word in run.commands.evaluation]
 
 
+def begin_attempt(run: Run, command: list[str], keep_in_place: bool = False) -> tuple[str, ...]:
+    """Resume the earlier attempt of this case's run when it ran the same command and did not
+    finish; otherwise move it aside (layout.decide). Returns the stages it finished."""
+    paths = run.paths
+    attempt = decide(paths.run_dir, command, run.options.fresh)
+    done: tuple[str, ...] = ()
+    if attempt.action == "move_aside" and not keep_in_place:
+        print(f"the earlier run in {paths.run_dir}: {attempt.why}; kept as {move_aside(paths.run_dir)}; "
+              "starting a new run", flush=True)
+    elif attempt.action == "resume":
+        done = attempt.done
+        print(resume_message(run, done), flush=True)
+    kept = [moved.name for moved in map(move_aside, (paths.case_file, paths.loss_file)) if moved]
+    if kept:
+        print(f"the earlier attempt's results are kept: {', '.join(kept)}", flush=True)
+    write_state(paths.run_dir, command, done)
+    return done
+
+
+def resume_message(run: Run, done: tuple[str, ...]) -> str:
+    run_dir, model = run.paths.run_dir, run.settings.MODEL
+    if run.options.mode.startswith("eval"):
+        return f"going on with the unfinished evaluation in {run_dir}; --fresh to start over"
+    if "pretraining" in done:
+        return f"pretraining in {run_dir} finished earlier: going on from there; --fresh to start over"
+    checkpoint = pretrained_checkpoint(run_dir, model)
+    if checkpoint is None:
+        return f"rerunning {run_dir} from the start (it stopped before its first checkpoint); --fresh to start over"
+    point = resume_point(model, checkpoint)
+    where = f" (epoch {point[0]}, batch {point[1]})" if point else ""
+    return f"resuming from {checkpoint}{where}; --fresh to start over"
+
+
+def mark_done(run: Run, command: list[str], done: tuple[str, ...], stage: str) -> tuple[str, ...]:
+    done = (*done, stage)
+    write_state(run.paths.run_dir, command, done)
+    return done
+
+
+def pretrain(run: Run, command: list[str], done: tuple[str, ...]) -> tuple[str, ...]:
+    """The pretraining stage, unless an earlier attempt finished it: then its log (kept in the run
+    folder) is put back in place for the result block."""
+    paths, copy = run.paths, run.paths.run_dir / PRETRAINING_LOG
+    if "pretraining" in done and copy.is_file():
+        move_aside(paths.train_log)
+        shutil.copyfile(copy, paths.train_log)
+        return done
+    run_stage(f"{run.settings.NETWORK} pretraining", paths.train_log, run.launcher + run.commands.pretrain)
+    shutil.copyfile(paths.train_log, copy)
+    return mark_done(run, command, tuple(stage for stage in done if stage != "pretraining"), "pretraining")
+
+
 def train(run: Run) -> None:
     s, paths, c = run.settings, run.paths, run.commands
-    shutil.rmtree(paths.run_dir, ignore_errors=True)  # a fresh run, as the Ascend scripts do
-    for path in (paths.train_log, paths.eval_log, paths.case_file, paths.loss_file):
-        path.unlink(missing_ok=True)
+    command = run.launcher[1:] + c.pretrain  # the interpreter's path may change between attempts
     start = time.monotonic()
-    run_stage(f"{s.NETWORK} pretraining", paths.train_log, run.launcher + c.pretrain)
+    done = pretrain(run, command, begin_attempt(run, command))
     if s.NODE_RANK > 0 and s.NNODES > 1:
+        mark_done(run, command, done, "complete")
         print(f"node {s.NODE_RANK}: pretraining finished; node 0 evaluates and prints the result")
         return
     if c.evaluation:
@@ -215,17 +282,17 @@ def train(run: Run) -> None:
     compile_time = run.options.mode == "perf" and s.MODEL == "moby" and s.WORLD == 1
     report.write_result(paths.train_log, s.NETWORK, s.WORLD, s.BATCH_SIZE, s.CASE_NAME, e2e, paths.case_file,
                         paths.eval_log if c.evaluation else None, paths.loss_file, compile_time, random_init)
+    mark_done(run, command, done, "complete")
 
 
 def evaluate(run: Run) -> None:
-    paths = run.paths
-    # A fresh evaluation: eval_linear resumes from a linear head it finds in its output folder.
-    if not run.settings.CHECKPOINT.startswith(f"{paths.run_dir}/"):
-        shutil.rmtree(paths.run_dir, ignore_errors=True)
-    paths.eval_log.unlink(missing_ok=True)
-    run_stage(f"{run.settings.NETWORK} evaluation of {run.settings.CHECKPOINT}", paths.eval_log,
-              run.eval_launcher + run.commands.evaluation)
+    paths, s = run.paths, run.settings
+    command = run.eval_launcher[1:] + run.commands.evaluation
+    # a checkpoint inside the run folder stays where it is: the evaluation runs beside it
+    done = begin_attempt(run, command, keep_in_place=s.CHECKPOINT.startswith(f"{paths.run_dir}/"))
+    run_stage(f"{s.NETWORK} evaluation of {s.CHECKPOINT}", paths.eval_log, run.eval_launcher + run.commands.evaluation)
     print(f"Final Train Accuracy : {report.parse_accuracy(paths.eval_log)}")
+    mark_done(run, command, done, "complete")
 
 
 def main(argv: list[str] | None = None) -> None:
