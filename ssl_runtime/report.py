@@ -27,6 +27,7 @@ key = value case file that Ascend's tooling collects, and the loss file beside i
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import re
 from dataclasses import dataclass
@@ -51,6 +52,22 @@ ACCURACY = (
 )
 
 RULE = "------------------ Final result ------------------"
+_FINITE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def finite_number(value: object) -> str | None:
+    """`value` as printed when it is a finite number (a number, or a string that is one and
+    nothing else: no spaces, no second line); None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    text = str(value)
+    return text if _FINITE.fullmatch(text) and math.isfinite(float(text)) else None
+
+
+def _accuracy_arg(text: str) -> str:
+    if finite_number(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return text
 
 
 @dataclass
@@ -181,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss_file", help="loss file to write (train_<CaseName>_loss.txt)")
     parser.add_argument("--compile_time", action="store_true",
                         help="add CompileTime (the first step's time) to the case file")
-    parser.add_argument("--random_init_accuracy", default=None,
+    parser.add_argument("--random_init_accuracy", default=None, type=_accuracy_arg,
                         help="accuracy of the same evaluation at random initialisation (printed beside)")
     parser.add_argument("--accuracy_only", action="store_true",
                         help="only print 'Final Train Accuracy : X' from --eval_log")

@@ -344,6 +344,23 @@ def test_random_init_baseline_is_measured_once_per_recipe(tmp_path, stubs, tiny_
     assert "RANDOM-INIT" not in commands
 
 
+@pytest.mark.parametrize("planted", ['"45.25\\nActualFPS = 1"', "[45.25]"])  # more: test_report.py
+def test_a_bad_random_init_cache_entry_is_measured_again(tmp_path, stubs, tiny_imagefolder, planted):
+    """A cache entry whose accuracy is not a finite number (here one with a newline, which would
+    add a second ActualFPS line to the case file) is measured again, with a note."""
+    flags = ("--device=cpu", f"--data_path={tiny_imagefolder}")
+    assert run_script("train_full_1p.sh", *flags, tmp_path=tmp_path, **stubs).returncode == 0
+    (entry,) = (tmp_path / "random-init").glob("*.json")
+    entry.write_text(entry.read_text().replace('"45.25"', planted))
+    done = run_script("train_full_1p.sh", *flags, tmp_path=tmp_path, **stubs)
+    assert done.returncode == 0, done.stdout + done.stderr
+    case = (tmp_path / "output" / "0" / "DINO_ID3436_for_PyTorch_bs64_1p_acc.log").read_text().splitlines()
+    assert sum(line.startswith("ActualFPS") for line in case) == 1 and "RandomInitAccuracy = 45.25" in case
+    assert Path(stubs["STUB_CALLS"]).read_text().count("random-init") == 2  # measured again
+    assert f"{entry} holds" in done.stderr and "not a number" in done.stderr
+    assert '"accuracy": "45.25"' in entry.read_text()  # the entry is good again
+
+
 def test_moby_full_run_on_cpu_evaluates_with_knn(tmp_path, stubs, tiny_imagefolder):
     done = run_script("train_full_1p.sh", "--model=moby", "--device=cpu",
                       f"--data_path={tiny_imagefolder}", tmp_path=tmp_path, **stubs)
