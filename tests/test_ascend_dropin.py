@@ -320,6 +320,45 @@ def test_scripts_pass_the_ascend_flags_on_npu_only(tmp_path):
     assert done.returncode == 2 and "--bin=maybe" in done.stderr
 
 
+def test_without_model_the_scripts_say_they_run_dino_and_cfg_means_moby(tmp_path):
+    """Huawei's Transformer-SSL scripts need no --model: ours default to DINO, so they say so, and
+    a MoBY-only flag (--cfg) chooses MoBY."""
+    done = run_script("train_full_8p.sh", "--device=cpu", "--dry_run", tmp_path=tmp_path)
+    assert done.returncode == 0
+    assert ("note: no --model given: running DINO (DINO_ID3436_for_PyTorch); add --model=moby for MoBY "
+            "(Transformer-SSL_ID3434_for_PyTorch)") in done.stderr
+    settings, commands = dry_run("train_full_8p.sh", "--device=npu", "--cfg=configs/moby_swin_tiny.yaml",
+                                 tmp_path=tmp_path)
+    assert settings["MODEL"] == "moby" and settings["CASE_NAME"].startswith("Transformer-SSL_ID3434_for_PyTorch")
+    assert commands["PRETRAIN"][4] == "moby/main_moby.py"
+    done = run_script("train_full_8p.sh", "--device=cpu", "--model=moby", "--dry_run", tmp_path=tmp_path)
+    assert "note:" not in done.stderr
+
+
+def test_huaweis_flags_are_accepted_or_ignored_with_a_note(tmp_path, tiny_imagefolder):
+    """Every flag of Huawei's DINO / Transformer-SSL scripts: --data_path, --conda_name, --bin and
+    --more_path1, and --device_id (as ASCEND_DEVICE_ID) of other ModelZoo scripts."""
+    done = run_script("train_performance_1p.sh", f"--data_path={tiny_imagefolder}", "--conda_name=pt", "--bin=False",
+                      "--more_path1=/root/xcit", "--device_id=3", "--device=npu", "--dry_run", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "--more_path1 is accepted for compatibility and ignored" in done.stderr
+    assert "conda environment 'pt' not activated" in done.stderr  # a dry run activates nothing
+    assert f"TRAIN_LOG={tmp_path / 'output' / '3' / 'train_3.log'}" in done.stdout
+    assert "--bin False" in done.stdout
+    done = run_script("train_full_8p.sh", "--precision_mode=allow_mix", "--dry_run", tmp_path=tmp_path)
+    assert done.returncode == 2 and "unknown argument '--precision_mode=allow_mix'" in done.stderr
+
+
+def test_each_rank_gets_rank_size_and_device_id_chooses_the_device(tmp_path, stubs, tiny_imagefolder):
+    world_stub = tmp_path / "stubs" / "world.py"
+    world_stub.write_text(STUB_WORLD_PRETRAIN)
+    done = run_script("train_performance_1p.sh", "--device=cpu", "--device_id=3", f"--data_path={tiny_imagefolder}",
+                      tmp_path=tmp_path, **{**stubs, "DINO_PRETRAIN": str(world_stub)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "output" / "3" / "train_3.log").read_text()
+    assert "RANK=0 WORLD_SIZE=1 RANK_ID=0 RANK_SIZE=1 ASCEND_DEVICE_ID=3" in log
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Launch and files.
 
@@ -387,7 +426,8 @@ p = argparse.ArgumentParser(); p.add_argument("--output_dir")
 args, _ = p.parse_known_args()
 os.makedirs(args.output_dir, exist_ok=True)
 open(os.path.join(args.output_dir, "checkpoint.pth"), "wb").write(b"stub")
-print(f"RANK={os.environ['RANK']} WORLD_SIZE={os.environ['WORLD_SIZE']} RANK_ID={os.environ['RANK_ID']}")
+print(f"RANK={os.environ['RANK']} WORLD_SIZE={os.environ['WORLD_SIZE']} RANK_ID={os.environ['RANK_ID']} "
+      f"RANK_SIZE={os.environ['RANK_SIZE']} ASCEND_DEVICE_ID={os.environ['ASCEND_DEVICE_ID']}")
 print("Epoch: [0/1]  [0/2]  eta: 0:00:01  loss: 8.500000 (8.500000)  lr: 0.000001 (0.000001)")
 print("Throughput: 321.50 images/s (0.1991 s/step over 10 steps after 5 warm-up, global batch 128)")
 """
@@ -414,6 +454,7 @@ def test_16p_script_joins_two_nodes(tmp_path, stubs, tiny_imagefolder):
         assert node.returncode == 0, out + err
     logs = [(tmp_path / f"node{n}" / "output" / "0" / "train_0.log").read_text() for n in (0, 1)]
     assert "RANK=0 WORLD_SIZE=2 RANK_ID=0" in logs[0] and "RANK=1 WORLD_SIZE=2 RANK_ID=1" in logs[1]
+    assert "RANK_SIZE=2" in logs[0] and "RANK_SIZE=2" in logs[1]
     assert "Final Train Accuracy : 55.5" in outs[0][0]  # node 0 evaluates and reports
     assert "node 1: pretraining finished" in outs[1][0] and "Final result" not in outs[1][0]
     case = read_case(tmp_path / "node0" / "output" / "0" / "DINO_ID3436_for_PyTorch_bs64_2p_acc.log")

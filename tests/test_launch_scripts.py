@@ -90,7 +90,7 @@ def test_unknown_flag_fails_and_lists_the_flags(tmp_path):
     (["--batch_size=abc"], "--batch_size=abc: expected a positive whole number"),
     (["--nproc=0"], "--nproc=0: expected a positive whole number"),
     (["--data_path=/no/such/folder"], "--data_path=/no/such/folder is not a folder"),
-    (["--cfg=configs/moby_swin_cpu.yaml"], "--cfg is a MoBY option"),
+    (["--model=dino", "--cfg=configs/moby_swin_cpu.yaml"], "--cfg is a MoBY option"),
     (["--model=moby", "--cfg=nope.yaml"], "--cfg=nope.yaml: no such file"),
     (["--checkpoint=x.pth"], "--checkpoint is for eval_knn.sh, eval_linear.sh and eval_8p.sh"),
 ])

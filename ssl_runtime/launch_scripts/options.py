@@ -10,13 +10,14 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import REPO
+from .recipes import NETWORKS
 
 MODES = ("full", "perf", "eval", "eval_knn", "eval_linear")
 
 USAGE = """\
 flags (all optional, --name=value):
   --data_path=DIR     ImageFolder root with train/ and val/ (default: Fashion-MNIST, converted on first use)
-  --model=dino|moby   which method (default dino)
+  --model=dino|moby   which method (default dino, with a note; --cfg= implies moby)
   --batch_size=N      batch size per device
   --epochs=N          pretraining epochs
   --steps=N           stop pretraining after N steps (performance runs default to the Ascend ports' counts)
@@ -34,6 +35,7 @@ flags (all optional, --name=value):
                       older one of ours) with the full unpickler: only for files you trust
   --fresh             start over: the earlier run of this case is renamed (kept), not resumed
   --bin=True|False    NPU: binary operators (True, the default) or online compilation (False)
+  --device_id=N       as ASCEND_DEVICE_ID=N: the device of 1-process runs and the output folder
   --conda_name=NAME   conda environment to activate first
   --more_path1=       accepted for compatibility with the Ascend scripts, ignored
   --dry_run           print the resolved settings and commands, run nothing
@@ -47,7 +49,7 @@ VALUE_FLAGS = {"data_path": "data_path", "model": "model", "batch_size": "batch_
                "steps": "steps", "device": "device", "nproc": "nproc", "nnodes": "nnodes",
                "node_rank": "node_rank", "master_addr": "master_addr", "master_port": "master_port",
                "cfg": "cfg", "checkpoint": "checkpoint", "conda_name": "conda_name", "bin": "bin",
-               "more_path1": None}
+               "device_id": "device_id", "more_path1": None}
 SWITCHES = {"trust_checkpoint": "trust", "dry_run": "dry_run", "fresh": "fresh"}
 POSITIVE = ("batch_size", "epochs", "steps", "nproc", "nnodes", "master_port")
 
@@ -64,7 +66,7 @@ class HelpRequested(Exception):
 class Options:
     mode: str
     default_nproc: int
-    model: str = "dino"
+    model: str = ""
     data_path: str = ""
     batch_size: str = ""
     epochs: str = ""
@@ -128,7 +130,7 @@ def _absolute(path: str, cwd: Path) -> str:
 
 
 def _check(o: Options, cwd: Path) -> None:
-    if o.model not in ("dino", "moby"):
+    if o.model not in ("", "dino", "moby"):
         raise UserError(f"--model={o.model}: choose dino or moby")
     if o.device not in ("auto", "npu", "cuda", "cpu"):
         raise UserError(f"--device={o.device}: choose auto, npu, cuda or cpu")
@@ -143,20 +145,14 @@ def _check(o: Options, cwd: Path) -> None:
     if not o.node_rank.isdigit():
         raise UserError(f"--node_rank={o.node_rank} (or NODE_RANK): expected 0, 1, ...")
     if not o.device_id.isdigit():
-        raise UserError(f"ASCEND_DEVICE_ID={o.device_id} is not a device number: "
+        raise UserError(f"ASCEND_DEVICE_ID={o.device_id} (or --device_id) is not a device number: "
                         "e.g. ASCEND_DEVICE_ID=0")
     if o.data_path:
         if not os.path.isdir(_absolute(o.data_path, cwd)):
             raise UserError(f"--data_path={o.data_path} is not a folder: pass an ImageFolder root holding "
                             "train/ and val/, or leave the flag out to use Fashion-MNIST")
         o.data_path = _absolute(o.data_path, cwd)
-    if o.cfg:
-        if o.model != "moby":
-            raise UserError("--cfg is a MoBY option: add --model=moby")
-        if os.path.isfile(_absolute(o.cfg, cwd)):
-            o.cfg = _absolute(o.cfg, cwd)
-        elif not (REPO / o.cfg).is_file():
-            raise UserError(f"--cfg={o.cfg}: no such file (see configs/)")
+    _choose_model(o, cwd)
     if o.evaluation_only:
         if (o.nnodes or "1") != "1":
             raise UserError("evaluation runs on one node: leave --nnodes out")
@@ -170,3 +166,22 @@ def _check(o: Options, cwd: Path) -> None:
         raise UserError("--checkpoint is for eval_knn.sh, eval_linear.sh and eval_8p.sh (--trust_checkpoint "
                         "too); training scripts start from scratch (or resume their own earlier run)")
 
+
+
+def _choose_model(o: Options, cwd: Path) -> None:
+    """--model, else MoBY when a MoBY-only flag (--cfg) says so, else DINO with a note: a
+    Transformer-SSL user who leaves --model out must not train DINO unawares."""
+    if o.cfg:
+        if o.model == "dino":
+            raise UserError("--cfg is a MoBY option: add --model=moby")
+        if not o.model:
+            o.notes += ("--cfg is a MoBY option: running MoBY (add --model=moby to say so)",)
+        o.model = "moby"
+        if os.path.isfile(_absolute(o.cfg, cwd)):
+            o.cfg = _absolute(o.cfg, cwd)
+        elif not (REPO / o.cfg).is_file():
+            raise UserError(f"--cfg={o.cfg}: no such file (see configs/)")
+    if not o.model:
+        o.model = "dino"
+        o.notes += (f"no --model given: running DINO ({NETWORKS['dino']}); add --model=moby for MoBY "
+                    f"({NETWORKS['moby']})",)

@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
             print_dry_run(run)
             return
         os.chdir(REPO)  # config and program paths are relative to the repository
+        os.environ["ASCEND_DEVICE_ID"] = options.device_id  # --device_id wins over the environment
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         run.paths.log_dir.mkdir(parents=True, exist_ok=True)
         if not options.data_path:
