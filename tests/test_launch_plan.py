@@ -67,7 +67,20 @@ def test_unknown_flag_message_lists_every_flag():
 def test_help_and_the_ignored_ascend_flag():
     with pytest.raises(options.HelpRequested):
         parse("--epochs=3", "-h")
-    assert parse("--more_path1=/cache/xcit").notes == (options.IGNORED_NOTE["more_path1"],)
+    assert parse("--model=dino", "--more_path1=/cache/xcit").notes == (options.IGNORED_NOTE["more_path1"],)
+
+
+def test_the_method_is_chosen_or_named(tmp_path):
+    assert parse("--model=moby").notes == ()
+    default = parse()
+    assert default.model == "dino" and default.notes == (
+        "no --model given: running DINO (DINO_ID3436_for_PyTorch); add --model=moby for MoBY "
+        "(Transformer-SSL_ID3434_for_PyTorch)",)
+    inferred = parse("--cfg=configs/moby_swin_tiny.yaml")
+    assert inferred.model == "moby" and inferred.notes == ("--cfg is a MoBY option: running MoBY (add "
+                                                           "--model=moby to say so)",)
+    with pytest.raises(UserError, match="--cfg is a MoBY option: add --model=moby"):
+        parse("--model=dino", "--cfg=configs/moby_swin_tiny.yaml")
 
 
 def test_checkpoint_rules_per_mode(tmp_path):
@@ -270,3 +283,51 @@ def test_resume_point_as_the_logs_count_epochs(tmp_path):
     assert layout.resume_point("moby", path) == (3, 5)  # MoBY the last finished one
     path.write_bytes(b"not a checkpoint")
     assert layout.resume_point("dino", path) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU recipes sized by work
+
+@pytest.mark.parametrize("model, images, batch, epochs", [
+    ("dino", 4000, 64, 13),     # 62 batches = 3,968 images an epoch; 50,000 / 3,968 = 12.6
+    ("moby", 4000, 64, 7),      # 28,000 / 3,968 = 7.06
+    ("dino", 30000, 64, 2),     # 50,000 / 29,952 = 1.67
+    ("moby", 20000, 64, 1),     # 28,000 / 19,968 = 1.40
+    ("dino", 60000, 64, 1),     # Fashion-MNIST: the recipe's own one epoch
+    ("dino", 4000, 512, 14),    # 7 batches of 512 = 3,584 images; 50,000 / 3,584 = 13.95
+    ("dino", 48, 64, None),     # not one batch: the program says so
+])
+def test_epochs_for_work(model, images, batch, epochs):
+    assert recipes.epochs_for_work(model, images, batch) == epochs
+
+
+def test_work_is_the_fashion_mnist_recipes():
+    import yaml
+
+    value = dict(zip(recipes.dino_cpu_args(1)[::2], recipes.dino_cpu_args(1)[1::2]))
+    assert recipes.CPU_WORK_IMAGES["dino"] == int(value["--max_train_images"]) * 1  # one epoch of its subset
+    config = yaml.safe_load((layout.REPO / recipes.MOBY_CFG["cpu"]).read_text())
+    assert recipes.CPU_WORK_IMAGES["moby"] == config["DATA"]["MAX_TRAIN_IMAGES"] * config["TRAIN"]["EPOCHS"]
+
+
+def test_count_images_as_imagefolder_does(tiny_imagefolder):
+    (tiny_imagefolder / "train" / "class_0" / "notes.txt").write_text("not an image")
+    (tiny_imagefolder / "train" / "class_1" / "UPPER.PNG").write_bytes(b"")
+    assert recipes.count_images(tiny_imagefolder / "train") == 3 * 8 + 1
+
+
+def test_cpu_full_runs_on_other_data_are_sized_by_work(tmp_path, tiny_imagefolder, capsys):
+    data = f"--data_path={tiny_imagefolder}"  # 24 training images: 3 batches of 8
+    run = plan(tmp_path, "--device=cpu", "--batch_size=8", data, "--dry_run")
+    assert run.settings.EPOCHS == 2083  # 50,000 / 24 = 2,083.3
+    assert "--epochs=2083: the CPU recipe sees about 50,000 images" in capsys.readouterr().err
+    assert recipes.dino_cpu_args(2083) == run.commands.pretrain[9:9 + len(recipes.dino_cpu_args(2083))]
+    assert plan(tmp_path, "--device=cpu", "--batch_size=8", "--model=moby", data).settings.EPOCHS == 1167
+    # an explicit --epochs wins; performance runs, the default dataset, accelerators and a
+    # MoBY config of one's own keep their defaults
+    assert plan(tmp_path, "--device=cpu", "--batch_size=8", "--epochs=3", data).settings.EPOCHS == 3
+    assert plan(tmp_path, "--device=cpu", "--batch_size=8", data, mode="perf").settings.EPOCHS == 1
+    assert plan(tmp_path, "--device=cpu", "--batch_size=8").settings.EPOCHS == 1
+    assert plan(tmp_path, "--device=cuda", "--batch_size=8", data, "--dry_run").settings.EPOCHS == 100
+    own = plan(tmp_path, "--device=cpu", "--batch_size=8", data, "--cfg=configs/moby_swin_cpu.yaml")
+    assert own.settings.EPOCHS == 1

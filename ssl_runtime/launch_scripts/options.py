@@ -19,7 +19,8 @@ flags (all optional, --name=value):
   --data_path=DIR     ImageFolder root with train/ and val/ (default: Fashion-MNIST, converted on first use)
   --model=dino|moby   which method (default dino, with a note; --cfg= implies moby)
   --batch_size=N      batch size per device
-  --epochs=N          pretraining epochs
+  --epochs=N          pretraining epochs (CPU full runs with --data_path: as many as see about the
+                      images of the Fashion-MNIST run)
   --steps=N           stop pretraining after N steps (performance runs default to the Ascend ports' counts)
   --device=auto|npu|cuda|cpu  accelerator (default auto: npu, then cuda, then cpu; on a machine with
                       CANN, npu or a clear stop when torch_npu does not import)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import REPO
 
@@ -87,6 +88,28 @@ def default_evaluation(model: str, mode: str, device: str) -> str:
     if model == "dino" or (mode == "full" and device == "cpu"):
         return "eval_knn"
     return "eval_linear"
+
+
+# The CPU recipes' work in images seen: the Fashion-MNIST quick start's (DINO: one epoch of its
+# 50,000-image subset; MoBY, configs/moby_swin_cpu.yaml: one epoch of 28,000 images). On another
+# dataset one epoch may be far less work (4,000 images: 62 steps, which learn next to nothing), so
+# a CPU full run without --epochs trains as many epochs as see about as many images.
+CPU_WORK_IMAGES = {"dino": 50_000, "moby": 28_000}
+
+
+def epochs_for_work(model: str, train_images: int, global_batch: int) -> int | None:
+    """Whole epochs closest to the recipe's work (at least one); an epoch sees its full batches
+    only (drop_last). None when not one batch fits (the program says so)."""
+    per_epoch = train_images // global_batch * global_batch
+    return max(1, int(CPU_WORK_IMAGES[model] / per_epoch + 0.5)) if per_epoch else None
+
+
+def count_images(folder: Path) -> int:
+    """Image files under an ImageFolder split, as torchvision's ImageFolder counts them."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return sum(name.lower().endswith(IMG_EXTENSIONS)
+               for _, _, names in os.walk(folder, followlinks=True) for name in names)
 
 
 def moby_linear_cfg(cfg: str) -> str:

@@ -38,12 +38,15 @@ from .layout import (
 )
 from .options import USAGE, HelpRequested, Options, parse
 from .recipes import (
+    CPU_WORK_IMAGES,
     EVAL_LOG_PREFIX,
     MOBY_CFG,
     MOBY_PLACEHOLDER,
     NETWORKS,
     Commands,
     Settings,
+    count_images,
+    epochs_for_work,
     evaluation_command,
     pretrain_command,
     random_init_command,
@@ -112,6 +115,8 @@ def plan(options: Options, python: str, env: Mapping[str, str] = os.environ) -> 
     device_class = "cpu" if device == "cpu" else "accelerator"
     batch_size, epochs, steps = resolve_schedule(o.model, o.mode, device, world, nnodes, o.number("batch_size"),
                                                  o.number("epochs"), o.number("steps"))
+    if not o.epochs and device == "cpu" and o.mode == "full" and o.data_path and not o.cfg:
+        epochs = epochs_by_work(o.model, Path(o.data_path) / "train", batch_size * world) or epochs
     cfg = o.cfg or (MOBY_CFG[device_class] if o.model == "moby" else "")
     network = NETWORKS[o.model]
     case = case_name(network, batch_size, world, o.mode)
@@ -138,6 +143,17 @@ def plan(options: Options, python: str, env: Mapping[str, str] = os.environ) -> 
         commands.random_init = random_init_command(commands.evaluation, o.model)
     return Run(o, settings, paths, commands, launcher(python, nproc, nnodes, node_rank, o.master_addr, o.master_port),
                launcher(python, nproc))
+
+
+def epochs_by_work(model: str, train: Path, global_batch: int) -> int | None:
+    """The CPU recipe's epochs on another dataset (recipes.CPU_WORK_IMAGES), said with the reason."""
+    images = count_images(train)
+    epochs = epochs_for_work(model, images, global_batch)
+    if epochs is not None:  # else the program says what is wrong with the folder
+        note(f"--epochs={epochs}: the CPU recipe sees about {CPU_WORK_IMAGES[model]:,} images (its "
+             f"Fashion-MNIST run's work); {train} has {images:,} (batches of {global_batch}); pass --epochs=N "
+             "to choose")
+    return epochs
 
 
 def print_dry_run(run: Run) -> None:
