@@ -209,6 +209,20 @@ def test_eval_scripts_commands(tmp_path):
     assert "--trust-checkpoint" not in commands["EVAL"]
 
 
+@pytest.mark.parametrize("script", ["train_full_1p.sh", "train_performance_8p.sh"])
+@pytest.mark.parametrize("model, program", [("dino", "dino/main_dino.py"), ("moby", "moby/main_moby.py")])
+def test_profile_reaches_the_pretraining_program_only(tmp_path, script, model, program):
+    _, commands = dry_run(script, f"--model={model}", "--device=cpu", "--profile", tmp_path=tmp_path)
+    assert split_launch(commands["PRETRAIN"])[1][0] == program and commands["PRETRAIN"][-1] == "--profile"
+    assert all("--profile" not in command for key, command in commands.items() if key != "PRETRAIN")
+    _, commands = dry_run(script, f"--model={model}", "--device=cpu", tmp_path=tmp_path)
+    assert "--profile" not in commands["PRETRAIN"]
+    checkpoint = tmp_path / "w.pth"
+    checkpoint.write_bytes(b"x")
+    done = run_script("eval_knn.sh", f"--checkpoint={checkpoint}", "--profile", "--dry_run", tmp_path=tmp_path)
+    assert done.returncode == 2 and "--profile records pretraining steps" in done.stderr
+
+
 @pytest.mark.parametrize("model, flag", [("dino", "--trust_checkpoint"), ("moby", "--trust-checkpoint")])
 def test_eval_scripts_pass_the_trust_flag_in_each_methods_spelling(tmp_path, model, flag):
     checkpoint = tmp_path / "official.pth"

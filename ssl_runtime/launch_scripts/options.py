@@ -35,6 +35,7 @@ flags (all optional, --name=value):
   --trust_checkpoint  read a --checkpoint the safe loader refuses (an official full checkpoint, an
                       older one of ours) with the full unpickler: only for files you trust
   --fresh             start over: the earlier run of this case is renamed (kept), not resumed
+  --profile           pretraining records a few steps with the profiler (a trace in the run folder)
   --bin=True|False    NPU: binary operators (True, the default) or online compilation (False)
   --device_id=N       as ASCEND_DEVICE_ID=N: the device of 1-process runs and the output folder
   --conda_name=NAME   conda environment to activate first
@@ -51,7 +52,7 @@ VALUE_FLAGS = {"data_path": "data_path", "model": "model", "batch_size": "batch_
                "node_rank": "node_rank", "master_addr": "master_addr", "master_port": "master_port",
                "cfg": "cfg", "checkpoint": "checkpoint", "conda_name": "conda_name", "bin": "bin",
                "device_id": "device_id", "more_path1": None}
-SWITCHES = {"trust_checkpoint": "trust", "dry_run": "dry_run", "fresh": "fresh"}
+SWITCHES = {"trust_checkpoint": "trust", "dry_run": "dry_run", "fresh": "fresh", "profile": "profile"}
 POSITIVE = ("batch_size", "epochs", "steps", "nproc", "nnodes", "master_port")
 
 # Huawei's DINO port copies the XCiT torch.hub cache from --more_path1; this DINO never uses torch.hub.
@@ -86,6 +87,7 @@ class Options:
     trust: bool = False
     dry_run: bool = False
     fresh: bool = False
+    profile: bool = False
     bin_given: bool = False
     notes: tuple[str, ...] = ()
 
@@ -163,6 +165,8 @@ def _check(o: Options, cwd: Path) -> None:
             if not os.path.isfile(_absolute(o.checkpoint, cwd)):
                 raise UserError(f"--checkpoint={o.checkpoint}: no such file")
             o.checkpoint = _absolute(o.checkpoint, cwd)
+        if o.profile:
+            raise UserError("--profile records pretraining steps: use it with train_*.sh")
     elif o.checkpoint or o.trust:
         raise UserError("--checkpoint is for eval_knn.sh, eval_linear.sh and eval_8p.sh (--trust_checkpoint "
                         "too); training scripts start from scratch (or resume their own earlier run)")

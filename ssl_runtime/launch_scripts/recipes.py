@@ -197,7 +197,7 @@ def resolve_schedule(model: str, mode: str, device: str, world: int, nnodes: int
     return batch_size or default_batch, epochs or defaults.epochs, steps
 
 
-def pretrain_command(s: Settings, perf: bool, binary: str,
+def pretrain_command(s: Settings, perf: bool, binary: str, profile: bool,
                      env: Mapping[str, str] = os.environ) -> list[str]:
     npu = npu_args(s.MODEL, binary) if s.DEVICE == "npu" else []
     if s.MODEL == "dino":
@@ -216,6 +216,8 @@ def pretrain_command(s: Settings, perf: bool, binary: str,
         command += [steps_flag, str(s.STEPS)]
     if s.DATA_PATH:
         command += [data_flag, s.DATA_PATH]
+    if profile:  # both programs: a few steps after warm-up under the profiler
+        command.append("--profile")
     return command
 
 

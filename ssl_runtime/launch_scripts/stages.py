@@ -136,7 +136,7 @@ def plan(options: Options, python: str, env: Mapping[str, str] = os.environ) -> 
         SSL_PYTHON=python)
     commands = Commands()
     if o.mode in ("full", "perf"):
-        commands.pretrain = pretrain_command(settings, o.mode == "perf", o.bin, env)
+        commands.pretrain = pretrain_command(settings, o.mode == "perf", o.bin, o.profile, env)
     commands.evaluation = evaluation_command(settings, o.mode, bool(o.batch_size), bool(o.epochs), o.trust,
                                              o.bin, env)
     if o.mode == "full" and device == "cpu":
