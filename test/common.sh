@@ -67,15 +67,6 @@ ssl_source_ascend() {
     return 0
 }
 
-# The interpreter of a dry run or of --help: nothing is installed for them.
-ssl_preview_python() {
-    if [[ -z ${SSL_PYTHON:-} ]]; then
-        SSL_PYTHON=$(command -v python3)
-        [[ -x $SSL_REPO/.venv/bin/python ]] && SSL_PYTHON=$SSL_REPO/.venv/bin/python
-    fi
-    export SSL_PYTHON
-}
-
 # The whole script: ssl_main <mode> <default number of processes per node> "$@".
 ssl_main() {
     local mode=$1 default_nproc=$2 preview=0 device
@@ -86,7 +77,7 @@ ssl_main() {
     ((preview)) || ssl_activate_conda "$(ssl_flag_value conda_name "$@")"
     ssl_source_ascend
     if ((preview)); then
-        ssl_preview_python
+        ssl_preview_python "$SSL_REPO"
     else
         ssl_setup_env "$SSL_REPO" || exit 1
     fi

@@ -668,3 +668,22 @@ def test_a_killed_full_run_rerun_ends_with_the_weights_of_an_uninterrupted_one(t
         assert_same_tensors(a[key], b[key], key)
     accuracy = [line for line in reference.stdout.splitlines() if line.startswith("Final Train Accuracy")]
     assert accuracy and accuracy[0] in rerun.stdout  # the same weights evaluate the same
+
+
+def test_benchmark_script_passes_its_arguments_through(tmp_path):
+    """test/benchmark.sh hands everything to ssl_runtime.launch_scripts.benchmark, which passes the
+    flags it does not know to every benchmark program (a precision flag, say)."""
+    def lines(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(TEST_DIR / "benchmark.sh"), *flags], capture_output=True, text=True,
+                              env=script_env(tmp_path), timeout=60)
+
+    done = lines("--configs=dino_cpu moby_cpu", "--steps=5", "--workers=none", "--made_up=1", "--dry_run")
+    assert done.returncode == 0, done.stderr
+    dino, moby = (line.split() for line in done.stdout.splitlines())
+    assert dino[:2] == ["python", "dino/benchmark.py"] and moby[:2] == ["python", "moby/benchmark.py"]
+    for words, name in ((dino, "dino_cpu"), (moby, "moby_cpu")):
+        assert words[-2:] == ["--bench_workers", "--made_up=1"] and flag_value(words, "--bench_steps") == "5"
+        assert flag_value(words, "--bench_json") == str(tmp_path / "output" / "benchmark" / f"{name}.json")
+    done = lines("--steps=0", "--dry_run")
+    assert done.returncode == 2 and "--steps must be a positive integer, got '0'" in done.stderr
+    assert "Configurations" in lines("--help").stdout
