@@ -130,6 +130,8 @@ def test_last_full_checkpoint_is_the_newest_of_that_world(tmp_path):
     checkpoint("N_bs32_1p_acc", "checkpoint.pth", age=0)     # another number of devices
     checkpoint("N_bs32_8p_perf", "checkpoint.pth", age=0)    # not a full run
     assert layout.last_full_checkpoint(tmp_path, "N", 8, "dino") == newer
+    checkpoint("N_bs32_8p_acc.20261201-120000", "checkpoint.pth", age=0)  # an earlier run, moved aside
+    assert layout.last_full_checkpoint(tmp_path, "N", 8, "dino") == newer
     moby = checkpoint("M_bs64_8p_acc", "moby__x/pretrain/checkpoint.pth", age=5)
     assert layout.last_full_checkpoint(tmp_path, "M", 8, "moby") == moby
     assert layout.last_full_checkpoint(tmp_path, "M", 16, "moby") is None
@@ -331,3 +333,17 @@ def test_cpu_full_runs_on_other_data_are_sized_by_work(tmp_path, tiny_imagefolde
     assert plan(tmp_path, "--device=cuda", "--batch_size=8", data, "--dry_run").settings.EPOCHS == 100
     own = plan(tmp_path, "--device=cpu", "--batch_size=8", data, "--cfg=configs/moby_swin_cpu.yaml")
     assert own.settings.EPOCHS == 1
+
+
+def test_resume_messages(tmp_path):
+    import torch
+
+    run = plan(tmp_path, "--device=cpu", "--nnodes=2", "--node_rank=1", "--master_addr=h", nproc=8)
+    assert "this node's ranks resume only if they see node 0's checkpoint" in stages.resume_message(run, ())
+    run = plan(tmp_path, "--device=cpu", "--model=moby")
+    assert "from the start (it stopped before its first checkpoint)" in stages.resume_message(run, ())
+    checkpoint = run.paths.run_dir / "moby__x" / "pretrain" / "checkpoint.pth"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"epoch": 0, "epoch_step": 4}, checkpoint)
+    assert stages.resume_message(run, ()) == f"resuming from {checkpoint} (epoch 1, batch 4); --fresh to start over"
+    assert "pretraining in " in stages.resume_message(run, ("pretraining",))

@@ -248,6 +248,9 @@ def resume_message(run: Run, done: tuple[str, ...]) -> str:
     if "pretraining" in done:
         return f"pretraining in {run_dir} finished earlier: going on from there; --fresh to start over"
     checkpoint = pretrained_checkpoint(run_dir, model)
+    if checkpoint is None and run.settings.NODE_RANK > 0:  # rank 0, on node 0, writes the checkpoints
+        return (f"no checkpoint in {run_dir}: this node's ranks resume only if they see node 0's checkpoint "
+                "there (shared storage); if they do not, rerun on every node with --fresh")
     if checkpoint is None:
         return f"rerunning {run_dir} from the start (it stopped before its first checkpoint); --fresh to start over"
     point = resume_point(model, checkpoint)
