@@ -165,7 +165,8 @@ def resume_point(model: str, checkpoint: Path) -> tuple[int, int] | None:
     try:
         import torch
 
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        # mmap: the tensors stay on disk (torch 2.1 takes a str path only for it)
+        saved = torch.load(str(checkpoint), map_location="cpu", weights_only=True, mmap=True)
         epoch, batch = int(saved["epoch"]), int(saved.get("epoch_step", 0))
     except Exception:  # noqa: BLE001 - only a message depends on it
         return None
