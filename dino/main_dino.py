@@ -365,7 +365,7 @@ def train_one_epoch(student, teacher, dino_loss, data_loader, optimizer, mp, sch
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
         # (ours) the collapse signals, after upstream's fields
         signals = {"teacher_entropy": dino_loss.teacher_entropy, "kl": dino_loss.kl}
-        metric_logger.update(**signals)
+        metric_logger.update_extra(**signals)
         if collapse is not None and it % PRINT_FREQ == 0:  # read when the line is printed anyway
             collapse.observe(global_it, {name: metric_logger.meters[name].median for name in signals})
         throughput.step()

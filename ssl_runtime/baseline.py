@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from .errors import UserError, main_entry
-from .report import parse_accuracy
+from .launch_scripts.layout import move_aside
+from .report import finite_number, parse_accuracy
 
 
 def cache_dir() -> Path:
@@ -69,21 +70,31 @@ def recipe_key(command: list[str]) -> str:
     return digest.hexdigest()[:20]
 
 
-def random_init_accuracy(command: list[str], log: Path, cache: Path | None = None) -> tuple[str, bool]:
-    """(accuracy, whether it came from the cache); runs the command into `log` when not cached."""
+def random_init_accuracy(command: list[str], log: Path, cache: Path | None = None) -> tuple[str | None, bool]:
+    """(accuracy, whether it came from the cache); runs the command into `log` when not cached.
+    Only a finite number is taken from the cache or kept in it: a damaged entry is measured again
+    (a value with a newline would add lines to the case file), a measured NaN is not kept (None)."""
     cache = cache or cache_dir()
     entry = cache / f"{recipe_key(command)}.json"
     if entry.is_file():
         try:
-            return json.loads(entry.read_text())["accuracy"], True
-        except (ValueError, KeyError):
-            pass  # a damaged entry is measured again
+            cached = json.loads(entry.read_text())["accuracy"]
+        except (ValueError, KeyError, TypeError) as exc:
+            cached = f"unreadable ({type(exc).__name__})"
+        if finite_number(cached) is not None:
+            return finite_number(cached), True
+        print(f"note: {entry} holds {cached!r}, not a number: measuring the random-init accuracy again",
+              file=sys.stderr, flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
+    move_aside(log)  # an earlier measurement's log is kept
     with log.open("w") as out:
         status = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT)
     if status != 0:
         raise UserError(f"the random-initialisation evaluation failed (exit {status}); read {log}")
-    accuracy = parse_accuracy(log)
+    accuracy = finite_number(parse_accuracy(log))
+    if accuracy is None:
+        print(f"note: the random-init evaluation printed no finite accuracy ({log}): not kept", file=sys.stderr)
+        return None, False
     cache.mkdir(parents=True, exist_ok=True)
     partial = entry.with_suffix(f".{os.getpid()}.tmp")
     partial.write_text(json.dumps({"accuracy": accuracy, "command": command[1:],
@@ -104,10 +115,16 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[split + 1:]
     if not command:
         raise UserError("no evaluation command after --")
-    accuracy, cached = random_init_accuracy(command, Path(args.log))
-    print(f"random-init accuracy {accuracy}: {'cached' if cached else 'measured now, kept'} in {cache_dir()}",
-          file=sys.stderr)
-    print(accuracy)
+    print(report_random_init(command, Path(args.log)) or "NA")
+
+
+def report_random_init(command: list[str], log: Path) -> str | None:
+    """random_init_accuracy, saying on stderr whether it was measured now or cached."""
+    accuracy, cached = random_init_accuracy(command, log)
+    if accuracy is not None:
+        print(f"random-init accuracy {accuracy}: {'cached' if cached else 'measured now, kept'} in {cache_dir()}",
+              file=sys.stderr, flush=True)
+    return accuracy
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
         --master_addr=HOST --master_port=PORT PROGRAM [ARGS...]
 
 Each process (rank) gets what the Ascend scripts' launch loop exports: RANK, LOCAL_RANK and
-WORLD_SIZE (from torchrun), RANK_ID (the global rank), ASCEND_DEVICE_ID (the device it drives:
-its local rank) and OMP_NUM_THREADS=1; on aarch64 servers with enough cores each is bound to its
+WORLD_SIZE (from torchrun), RANK_ID (the global rank), RANK_SIZE (the number of ranks; Huawei's
+16-device script exports 8, its ranks per node), ASCEND_DEVICE_ID (the device it drives: its local
+rank) and OMP_NUM_THREADS=1; on aarch64 servers with enough cores each is bound to its
 own block of cores (the scripts' `taskset -c`, nproc / 8 cores per process on 8 devices).
 
 - One process: no torchrun; the program runs on device $ASCEND_DEVICE_ID (default 0).
@@ -50,8 +51,8 @@ def should_bind(machine: str, cores_per_rank: int, setting: str | None) -> bool:
 
 
 def rank_variables(env: Mapping[str, str]) -> dict[str, str]:
-    """The Ascend scripts' per-rank variables, from torchrun's RANK and LOCAL_RANK."""
-    return {"RANK_ID": env["RANK"], "ASCEND_DEVICE_ID": env["LOCAL_RANK"],
+    """The Ascend scripts' per-rank variables, from torchrun's RANK, LOCAL_RANK and WORLD_SIZE."""
+    return {"RANK_ID": env["RANK"], "RANK_SIZE": env["WORLD_SIZE"], "ASCEND_DEVICE_ID": env["LOCAL_RANK"],
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}
 
 
@@ -61,7 +62,7 @@ def single_process_variables(env: Mapping[str, str]) -> dict[str, str]:
     if not device.isdigit():
         raise UserError(f"ASCEND_DEVICE_ID={device!r} is not a device number: e.g. ASCEND_DEVICE_ID=0")
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": device, "LOCAL_WORLD_SIZE": "1",
-            "RANK_ID": "0", "ASCEND_DEVICE_ID": device}
+            "RANK_ID": "0", "RANK_SIZE": "1", "ASCEND_DEVICE_ID": device}
 
 
 def torchrun_command(python: str, nproc_per_node: int, nnodes: int, node_rank: int,

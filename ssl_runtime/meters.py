@@ -88,6 +88,7 @@ class MetricLogger:
 
     def __init__(self, delimiter: str = "  ", device: torch.device | str | None = None):
         self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.extra: list[str] = []  # (ours) meters printed after upstream's fields
         self.delimiter = delimiter
         self.device = torch.device(device) if device is not None else None
 
@@ -96,6 +97,16 @@ class MetricLogger:
             if value is None:
                 continue
             self.meters[name].update(value)
+
+    def update_extra(self, **kwargs) -> None:
+        """(ours) Meters printed at the end of the step line, after upstream's `time`, `data` and
+        `max mem`: tools that count the fields of upstream's line (Huawei's collectors read the
+        step time as field 16) still find them where upstream prints them."""
+        self.extra += [name for name in kwargs if name not in self.extra]
+        self.update(**kwargs)
+
+    def _joined(self, names: Iterable[str]) -> str:
+        return self.delimiter.join(f"{name}: {self.meters[name]}" for name in names)
 
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
@@ -134,8 +145,10 @@ class MetricLogger:
             if i % print_freq == 0 or i == total - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
                 memory = devices.max_memory_mb(self.device) if self._track_memory() else 0
-                print(line.format(i, total, eta=str(eta), meters=str(self), time=str(iter_time),
-                                  data=str(data_time), memory=memory), flush=True)
+                upstream = [name for name in self.meters if name not in self.extra]
+                text = line.format(i, total, eta=str(eta), meters=self._joined(upstream), time=str(iter_time),
+                                   data=str(data_time), memory=memory)
+                print(self.delimiter.join([text, self._joined(self.extra)]) if self.extra else text, flush=True)
             i += 1
             end = time.time()
         elapsed = time.time() - start

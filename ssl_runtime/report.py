@@ -1,6 +1,6 @@
 """The Ascend ModelZoo result block, computed from the training and evaluation logs.
 
-The test/*.sh launch scripts call this after a run:
+The launch scripts (ssl_runtime.launch_scripts) call write_result after a run; by hand:
 
     python -m ssl_runtime.report --train_log F [--eval_log F] --network N --rank_size R
         --batch_size B --case_name C --e2e_seconds S --out_file PATH [--loss_file PATH]
@@ -27,6 +27,7 @@ key = value case file that Ascend's tooling collects, and the loss file beside i
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import re
 from dataclasses import dataclass
@@ -51,6 +52,22 @@ ACCURACY = (
 )
 
 RULE = "------------------ Final result ------------------"
+_FINITE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def finite_number(value: object) -> str | None:
+    """`value` as printed when it is a finite number (a number, or a string that is one and
+    nothing else: no spaces, no second line); None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    text = str(value)
+    return text if _FINITE.fullmatch(text) and math.isfinite(float(text)) else None
+
+
+def _accuracy_arg(text: str) -> str:
+    if finite_number(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return text
 
 
 @dataclass
@@ -151,6 +168,22 @@ def case_lines(network: str, rank_size: int, batch_size: int, case_name: str, tr
     return lines
 
 
+def write_result(train_log: str | Path, network: str, rank_size: int, batch_size: int, case_name: str,
+                 e2e_seconds: str, out_file: str | Path, eval_log: str | Path | None = None,
+                 loss_file: str | Path | None = None, compile_time: bool = False,
+                 random_init: str | None = None) -> None:
+    """Print the result block of a run and write its case file (and loss file)."""
+    train = parse_train_log(train_log)
+    accuracy = parse_accuracy(eval_log) if eval_log else None
+    print("\n".join(result_lines(train, accuracy, e2e_seconds, random_init)), flush=True)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text("\n".join(case_lines(network, rank_size, batch_size, case_name, train, accuracy,
+                                             e2e_seconds, compile_time, random_init)) + "\n")
+    if loss_file:
+        Path(loss_file).write_text("".join(f"{loss}\n" for loss in train.losses))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Print the Ascend result block of a run and "
                                      "write its case file.")
@@ -165,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss_file", help="loss file to write (train_<CaseName>_loss.txt)")
     parser.add_argument("--compile_time", action="store_true",
                         help="add CompileTime (the first step's time) to the case file")
-    parser.add_argument("--random_init_accuracy", default=None,
+    parser.add_argument("--random_init_accuracy", default=None, type=_accuracy_arg,
                         help="accuracy of the same evaluation at random initialisation (printed beside)")
     parser.add_argument("--accuracy_only", action="store_true",
                         help="only print 'Final Train Accuracy : X' from --eval_log")
@@ -186,18 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         parser.error(f"missing {', '.join(missing)}")
 
-    train = parse_train_log(args.train_log)
-    accuracy = parse_accuracy(args.eval_log) if args.eval_log else None
-    random_init = args.random_init_accuracy or None
-    print("\n".join(result_lines(train, accuracy, args.e2e_seconds, random_init)), flush=True)
-    out_file = Path(args.out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text("\n".join(case_lines(args.network, args.rank_size, args.batch_size,
-                                             args.case_name, train, accuracy, args.e2e_seconds,
-                                             args.compile_time, random_init)) + "\n")
-    if args.loss_file:
-        Path(args.loss_file).write_text("".join(f"{loss}\n" for loss in train.losses))
-
+    write_result(args.train_log, args.network, args.rank_size, args.batch_size, args.case_name,
+                 args.e2e_seconds, args.out_file, args.eval_log, args.loss_file, args.compile_time,
+                 args.random_init_accuracy or None)
 
 if __name__ == "__main__":
     main()

@@ -91,6 +91,17 @@ ssl_setup_env() {
     export SSL_PYTHON
 }
 
+# The interpreter of a dry run or of --help (nothing is installed for them): SSL_PYTHON, else the
+# repository's .venv when it exists, else python3 from PATH; exports SSL_PYTHON.
+ssl_preview_python() {
+    local repo=${1:-$SSL_ENV_REPO}
+    if [[ -z ${SSL_PYTHON:-} ]]; then
+        SSL_PYTHON=$(command -v python3)
+        [[ -x $repo/.venv/bin/python ]] && SSL_PYTHON=$repo/.venv/bin/python
+    fi
+    export SSL_PYTHON
+}
+
 # Make sure the IDX files of the default dataset (Debian package dataset-fashion-mnist) are
 # there; as root with apt-get, install the package when they are not. Returns 1 when they are
 # missing and could not be installed (tests that need them are then skipped).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Full training on 8 devices (--nproc=N for another count): pretrain, then evaluate
 # (DINO: k-NN, MoBY: linear); prints the result block with FPS and accuracy.
-# Flags: see test/common.sh or run with --help. Example: bash test/train_full_8p.sh --device=cpu --model=moby
+# Flags: run with --help (or see docs/launch.md). Example: bash test/train_full_8p.sh --device=cpu --model=moby
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ssl_main full 8 "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Performance run on one device: a fixed number of pretraining steps (--steps=N);
 # prints the result block with FPS.
-# Flags: see test/common.sh or run with --help. Example: bash test/train_performance_1p.sh --device=cpu --model=moby
+# Flags: run with --help (or see docs/launch.md). Example: bash test/train_performance_1p.sh --device=cpu --model=moby
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ssl_main perf 1 "$@"

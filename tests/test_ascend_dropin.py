@@ -4,6 +4,8 @@ install: a folder with CANN's set_env.sh that puts a fake torch_npu on PYTHONPAT
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from packaging.specifiers import SpecifierSet
 
 from conftest import free_port
 from ssl_runtime import device as devices
+from ssl_runtime import report
 from ssl_runtime import torch_stack
 from ssl_runtime.errors import UserError
 from test_launch_scripts import dry_run, flag_value, run_script, stubs  # noqa: F401 (fixture)
@@ -320,6 +323,45 @@ def test_scripts_pass_the_ascend_flags_on_npu_only(tmp_path):
     assert done.returncode == 2 and "--bin=maybe" in done.stderr
 
 
+def test_without_model_the_scripts_say_they_run_dino_and_cfg_means_moby(tmp_path):
+    """Huawei's Transformer-SSL scripts need no --model: ours default to DINO, so they say so, and
+    a MoBY-only flag (--cfg) chooses MoBY."""
+    done = run_script("train_full_8p.sh", "--device=cpu", "--dry_run", tmp_path=tmp_path)
+    assert done.returncode == 0
+    assert ("note: no --model given: running DINO (DINO_ID3436_for_PyTorch); add --model=moby for MoBY "
+            "(Transformer-SSL_ID3434_for_PyTorch)") in done.stderr
+    settings, commands = dry_run("train_full_8p.sh", "--device=npu", "--cfg=configs/moby_swin_tiny.yaml",
+                                 tmp_path=tmp_path)
+    assert settings["MODEL"] == "moby" and settings["CASE_NAME"].startswith("Transformer-SSL_ID3434_for_PyTorch")
+    assert commands["PRETRAIN"][4] == "moby/main_moby.py"
+    done = run_script("train_full_8p.sh", "--device=cpu", "--model=moby", "--dry_run", tmp_path=tmp_path)
+    assert "note:" not in done.stderr
+
+
+def test_huaweis_flags_are_accepted_or_ignored_with_a_note(tmp_path, tiny_imagefolder):
+    """Every flag of Huawei's DINO / Transformer-SSL scripts: --data_path, --conda_name, --bin and
+    --more_path1, and --device_id (as ASCEND_DEVICE_ID) of other ModelZoo scripts."""
+    done = run_script("train_performance_1p.sh", f"--data_path={tiny_imagefolder}", "--conda_name=pt", "--bin=False",
+                      "--more_path1=/root/xcit", "--device_id=3", "--device=npu", "--dry_run", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "--more_path1 is accepted for compatibility and ignored" in done.stderr
+    assert "conda environment 'pt' not activated" in done.stderr  # a dry run activates nothing
+    assert f"TRAIN_LOG={tmp_path / 'output' / '3' / 'train_3.log'}" in done.stdout
+    assert "--bin False" in done.stdout
+    done = run_script("train_full_8p.sh", "--precision_mode=allow_mix", "--dry_run", tmp_path=tmp_path)
+    assert done.returncode == 2 and "unknown argument '--precision_mode=allow_mix'" in done.stderr
+
+
+def test_each_rank_gets_rank_size_and_device_id_chooses_the_device(tmp_path, stubs, tiny_imagefolder):
+    world_stub = tmp_path / "stubs" / "world.py"
+    world_stub.write_text(STUB_WORLD_PRETRAIN)
+    done = run_script("train_performance_1p.sh", "--device=cpu", "--device_id=3", f"--data_path={tiny_imagefolder}",
+                      tmp_path=tmp_path, **{**stubs, "DINO_PRETRAIN": str(world_stub)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "output" / "3" / "train_3.log").read_text()
+    assert "RANK=0 WORLD_SIZE=1 RANK_ID=0 RANK_SIZE=1 ASCEND_DEVICE_ID=3" in log
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Launch and files.
 
@@ -387,7 +429,8 @@ p = argparse.ArgumentParser(); p.add_argument("--output_dir")
 args, _ = p.parse_known_args()
 os.makedirs(args.output_dir, exist_ok=True)
 open(os.path.join(args.output_dir, "checkpoint.pth"), "wb").write(b"stub")
-print(f"RANK={os.environ['RANK']} WORLD_SIZE={os.environ['WORLD_SIZE']} RANK_ID={os.environ['RANK_ID']}")
+print(f"RANK={os.environ['RANK']} WORLD_SIZE={os.environ['WORLD_SIZE']} RANK_ID={os.environ['RANK_ID']} "
+      f"RANK_SIZE={os.environ['RANK_SIZE']} ASCEND_DEVICE_ID={os.environ['ASCEND_DEVICE_ID']}")
 print("Epoch: [0/1]  [0/2]  eta: 0:00:01  loss: 8.500000 (8.500000)  lr: 0.000001 (0.000001)")
 print("Throughput: 321.50 images/s (0.1991 s/step over 10 steps after 5 warm-up, global batch 128)")
 """
@@ -414,6 +457,7 @@ def test_16p_script_joins_two_nodes(tmp_path, stubs, tiny_imagefolder):
         assert node.returncode == 0, out + err
     logs = [(tmp_path / f"node{n}" / "output" / "0" / "train_0.log").read_text() for n in (0, 1)]
     assert "RANK=0 WORLD_SIZE=2 RANK_ID=0" in logs[0] and "RANK=1 WORLD_SIZE=2 RANK_ID=1" in logs[1]
+    assert "RANK_SIZE=2" in logs[0] and "RANK_SIZE=2" in logs[1]
     assert "Final Train Accuracy : 55.5" in outs[0][0]  # node 0 evaluates and reports
     assert "node 1: pretraining finished" in outs[1][0] and "Final result" not in outs[1][0]
     case = read_case(tmp_path / "node0" / "output" / "0" / "DINO_ID3436_for_PyTorch_bs64_2p_acc.log")
@@ -554,3 +598,92 @@ def test_old_requirement_files_install_nothing_and_point_to_the_supported_ones(n
     assert "torch >= 2.1" in text
     for path in ("requirements.txt", "test/requirements_npu_2.1.txt", "test/requirements_npu_2.14.txt"):
         assert path in text and (REPO / path).is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Huawei's collectors read our logs. The extraction commands below are the ones of Huawei's
+# test/train_full_8p.sh, train_performance_{1p,8p}.sh (DINO_ID3436, Transformer-SSL_ID3434), run
+# as they are on the train / eval logs of our programs ($LOG is the log).
+
+HUAWEI = {
+    # DINO: the mean step time of the last lines (full_8p: field 16; performance runs: after "time:")
+    "dino_time_full_8p": """tail -n 50 $LOG|grep -a 'eta'|head -n 30|awk -F " " '{print $16}'|awk '{sum+=$1} END {print sum/NR}'""",
+    "dino_time_perf": """tail -n 10 $LOG|grep -a 'eta'|head -n 30|awk -F "time:" '{print $2}'|awk -F " " '{print $1}'|awk '{sum+=$1} END {print sum/NR}'""",
+    "dino_losses": """grep 'eta' $LOG|awk -F "loss:" '{print $2}' |awk -F " " '{print $2}'""",
+    "dino_accuracy": """train_accuracy=`grep -a '10-NN classifier result: Top1:' $LOG|awk -F " " '{print $5}'|head -1`; echo ${train_accuracy%,}""",
+    # MoBY: the last step line's time (1p: the value, field 13; 8p: the average, field 14)
+    "moby_time_1p": """grep -a 'time'  $LOG|grep loss|awk -F " " 'END {print $13}'""",
+    "moby_time_8p": """grep -a 'time'  $LOG|grep loss|awk -F " " 'END {print $14}'|sed 's/(//g'|sed 's/)//g'""",
+    "moby_losses": """grep 'INFO Train' $LOG|awk -F "loss " '{print $NF}' | awk -F " " '{print $1}'""",
+    # (performance_8p, whose run ends normally: the last line, upstream's "Training time", dropped)
+    "moby_losses_perf_8p": """grep 'INFO Train' $LOG|awk -F "loss " '{print $NF}' | awk -F " " '{print $1}'|awk -F " " '{print $1}'|awk 'NR>1{print line}{line=$0}'""",
+    "moby_accuracy": """grep -a 'Max accuracy' $LOG|awk -F " " 'END {print $8}'|sed 's/%//g'""",
+}
+
+
+def huawei(name: str, log: Path) -> list[str]:
+    done = subprocess.run(["bash", "-c", HUAWEI[name]], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LOG": str(log)})
+    assert done.returncode == 0 and "error" not in done.stderr, done.stderr
+    return done.stdout.splitlines()
+
+
+def step_times(lines: list[str]) -> list[float]:
+    """The `time:` value of DINO's step lines, read by name."""
+    return [float(line.split("time: ")[1].split()[0]) for line in lines if "eta: " in line]
+
+
+def test_huaweis_collectors_read_dinos_lines(tmp_path, tiny_imagefolder):
+    from conftest import run_entry_quietly
+    from dino import main_dino
+    from ssl_runtime import knn
+
+    text = run_entry_quietly(main_dino.main, [
+        "--arch", "vit_pico", "--patch_size", "4", "--img_size", "32", "--local_crop_size", "16",
+        "--local_crops_number", "2", "--out_dim", "64", "--batch_size_per_gpu", "4", "--epochs", "2",
+        "--device", "cpu", "--use_fp16", "false", "--warmup_epochs", "0", "--data_path", str(tiny_imagefolder),
+        "--output_dir", str(tmp_path / "run"), "--num_workers", "0"])  # 6 steps an epoch: lines 0, 5
+    log = tmp_path / "train_0.log"
+    log.write_text(text)
+    lines = text.splitlines()
+    step_lines = [line for line in lines if "eta: " in line]
+    assert len(step_lines) == 4 and "teacher_entropy" in step_lines[0]  # our signals are there too
+    full = step_times([line for line in lines[-50:] if "eta" in line][:30])
+    assert float(huawei("dino_time_full_8p", log)[0]) == pytest.approx(sum(full) / len(full), rel=1e-5)
+    perf = step_times([line for line in lines[-10:] if "eta" in line][:30])
+    assert perf and float(huawei("dino_time_perf", log)[0]) == pytest.approx(sum(perf) / len(perf), rel=1e-5)
+    losses = huawei("dino_losses", log)  # `(running average)`, the port strips the brackets
+    assert [loss[1:-1] for loss in losses] == report.loss_history(lines)
+    (tmp_path / "test_0.log").write_text(knn.result_line(10, 55.5, 90.0) + "\n")
+    assert huawei("dino_accuracy", tmp_path / "test_0.log") == ["55.5"]
+
+
+@pytest.mark.parametrize("flow, flags", [("full_8p", ("--epochs", "2", "--max_epochs", "1")),
+                                         ("performance_1p", ("--epochs", "1", "--steps", "2")),
+                                         ("performance_8p", ("--epochs", "1"))])
+def test_huaweis_collectors_read_mobys_lines(tmp_path, tiny_imagefolder, flow, flags):
+    """Each of Huawei's MoBY flows: --max_epochs (full runs), --steps (1-device performance) and
+    whole epochs (8-device performance, whose collector drops the closing line)."""
+    from conftest import run_entry_quietly
+    from moby import main_moby
+    from tests.test_moby_train import pretrain_args
+
+    text = run_entry_quietly(main_moby.main, pretrain_args(tiny_imagefolder, tmp_path, *flags))
+    log = tmp_path / "train_0.log"
+    log.write_text(text)
+    last = [line for line in text.splitlines() if "INFO Train:" in line][-1]
+    value, average = last.split("\ttime ")[1].split("\t")[0].split()  # `time 0.1234 (0.2345)`
+    assert huawei("moby_time_1p", log) == [value]
+    assert huawei("moby_time_8p", log) == [average.strip("()")]
+    losses = huawei("moby_losses_perf_8p" if flow == "performance_8p" else "moby_losses", log)
+    assert losses == report.loss_history(text.splitlines()) and len(losses) >= 2
+
+
+def test_huaweis_collector_reads_mobys_linear_accuracy(tmp_path):
+    from ssl_runtime.logs import setup_logger
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):  # the console line of main_linear.py's result
+        setup_logger("moby__swin_tiny__x", rank=0).info(f"Max accuracy: {68.35:.2f}%")
+    (tmp_path / "eval_0.log").write_text(buffer.getvalue())
+    assert huawei("moby_accuracy", tmp_path / "eval_0.log") == ["68.35"]

@@ -22,7 +22,7 @@ REPORTING_PROGRAM = """\
 import json, os, sys
 import torch
 import torch.distributed as dist
-keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK_ID", "ASCEND_DEVICE_ID", "OMP_NUM_THREADS")
+keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK_ID", "RANK_SIZE", "ASCEND_DEVICE_ID", "OMP_NUM_THREADS")
 seen = {k: os.environ.get(k) for k in keys}
 seen["cores"] = sorted(os.sched_getaffinity(0))
 seen["argv"] = sys.argv[1:]
@@ -42,7 +42,7 @@ def run_launcher(tmp_path: Path, *flags: str, env: dict | None = None) -> subpro
     program = tmp_path / "report_rank.py"
     program.write_text(REPORTING_PROGRAM)
     environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK_ID", "ASCEND_DEVICE_ID", "MASTER_ADDR",
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK_ID", "RANK_SIZE", "ASCEND_DEVICE_ID", "MASTER_ADDR",
                  "MASTER_PORT", "OMP_NUM_THREADS"):
         if env is None or name not in env:
             environment.pop(name, None)
@@ -86,10 +86,11 @@ def test_bad_core_binding_setting_is_a_user_error():
 
 
 def test_rank_and_single_process_variables():
-    assert launch.rank_variables({"RANK": "9", "LOCAL_RANK": "1"}) == {
-        "RANK_ID": "9", "ASCEND_DEVICE_ID": "1", "OMP_NUM_THREADS": "1"}
+    assert launch.rank_variables({"RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16"}) == {
+        "RANK_ID": "9", "RANK_SIZE": "16", "ASCEND_DEVICE_ID": "1", "OMP_NUM_THREADS": "1"}
     single = launch.single_process_variables({"ASCEND_DEVICE_ID": "3"})
     assert single["LOCAL_RANK"] == "3" and single["WORLD_SIZE"] == "1" and single["RANK_ID"] == "0"
+    assert single["RANK_SIZE"] == "1"  # Huawei's ports export RANK_SIZE to every process
     assert launch.single_process_variables({})["ASCEND_DEVICE_ID"] == "0"
     with pytest.raises(UserError, match="ASCEND_DEVICE_ID"):
         launch.single_process_variables({"ASCEND_DEVICE_ID": "npu1"})
@@ -122,7 +123,7 @@ def test_one_process_runs_on_ascend_device_id_without_torchrun(tmp_path):
     finish(run_launcher(tmp_path, "--nproc_per_node=1", env={"ASCEND_DEVICE_ID": "3"}))
     (rank,) = read_ranks(tmp_path, 1)
     assert (rank["RANK"], rank["WORLD_SIZE"], rank["LOCAL_RANK"]) == ("0", "1", "3")
-    assert (rank["RANK_ID"], rank["ASCEND_DEVICE_ID"]) == ("0", "3")
+    assert (rank["RANK_ID"], rank["ASCEND_DEVICE_ID"], rank["RANK_SIZE"]) == ("0", "3", "1")
     assert rank["argv"] == [str(tmp_path), "--some_flag", "x"]
 
 
@@ -134,7 +135,7 @@ def test_two_processes_get_the_ascend_variables_and_their_own_cores(tmp_path):
     ranks = read_ranks(tmp_path, 2)
     for r, rank in enumerate(ranks):
         assert rank["RANK"] == rank["LOCAL_RANK"] == rank["RANK_ID"] == rank["ASCEND_DEVICE_ID"] == str(r)
-        assert rank["WORLD_SIZE"] == "2" and rank["OMP_NUM_THREADS"] == "1"
+        assert rank["WORLD_SIZE"] == rank["RANK_SIZE"] == "2" and rank["OMP_NUM_THREADS"] == "1"
         assert rank["sum"] == 3.0  # 1 + 2: both ranks joined one process group
         assert len(rank["cores"]) == len(os.sched_getaffinity(0)) // 2
     assert not set(ranks[0]["cores"]) & set(ranks[1]["cores"])
@@ -152,4 +153,4 @@ def test_two_nodes_rendezvous_through_torchrun(tmp_path):
     assert [rank["RANK"] for rank in ranks] == ["0", "1"]
     assert [rank["LOCAL_RANK"] for rank in ranks] == ["0", "0"]  # one device on each node
     assert [rank["RANK_ID"] for rank in ranks] == ["0", "1"]
-    assert all(rank["WORLD_SIZE"] == "2" and rank["sum"] == 3.0 for rank in ranks)
+    assert all(rank["WORLD_SIZE"] == rank["RANK_SIZE"] == "2" and rank["sum"] == 3.0 for rank in ranks)

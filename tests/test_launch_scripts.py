@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,7 +90,7 @@ def test_unknown_flag_fails_and_lists_the_flags(tmp_path):
     (["--batch_size=abc"], "--batch_size=abc: expected a positive whole number"),
     (["--nproc=0"], "--nproc=0: expected a positive whole number"),
     (["--data_path=/no/such/folder"], "--data_path=/no/such/folder is not a folder"),
-    (["--cfg=configs/moby_swin_cpu.yaml"], "--cfg is a MoBY option"),
+    (["--model=dino", "--cfg=configs/moby_swin_cpu.yaml"], "--cfg is a MoBY option"),
     (["--model=moby", "--cfg=nope.yaml"], "--cfg=nope.yaml: no such file"),
     (["--checkpoint=x.pth"], "--checkpoint is for eval_knn.sh, eval_linear.sh and eval_8p.sh"),
 ])
@@ -106,16 +108,15 @@ def test_eval_scripts_need_an_existing_checkpoint(tmp_path):
     assert done.returncode == 2 and "no such file" in done.stderr
 
 
-def test_parse_functions_can_be_used_without_running_anything(tmp_path):
-    """common.sh only defines functions when sourced; parse + resolve print the settings."""
-    code = ("source test/common.sh && ssl_parse_args perf --nproc=3 --device=cpu --model=moby "
-            "--epochs=7 && ssl_resolve perf 1 && ssl_print_settings")
-    done = subprocess.run(["bash", "-c", code], capture_output=True, text=True, cwd=REPO,
-                          env=script_env(tmp_path), timeout=60)
-    assert done.returncode == 0, done.stderr
-    settings = dict(line.split("=", 1) for line in done.stdout.splitlines())
-    assert settings["NPROC"] == "3" and settings["EPOCHS"] == "7" and settings["STEPS"] == "20"
-    assert settings["CASE_NAME"] == "Transformer-SSL_ID3434_for_PyTorch_bs64_3p_perf"
+def test_settings_can_be_resolved_without_running_anything(tmp_path):
+    """The launcher's parse and plan give a run's settings and commands; nothing starts."""
+    from ssl_runtime.launch_scripts import options, stages
+
+    parsed = options.parse("perf", 1, ["--nproc=3", "--device=cpu", "--model=moby", "--epochs=7"], env={})
+    settings = stages.plan(parsed, sys.executable, env={"SSL_TEST_OUTPUT": str(tmp_path)}).settings
+    assert settings.NPROC == 3 and settings.EPOCHS == 7 and settings.STEPS == 20
+    assert settings.CASE_NAME == "Transformer-SSL_ID3434_for_PyTorch_bs64_3p_perf"
+    assert not tmp_path.joinpath("0").exists()
 
 
 def test_full_8p_dino_defaults_on_cpu(tmp_path):
@@ -206,6 +207,20 @@ def test_eval_scripts_commands(tmp_path):
     assert flag_value(commands["EVAL"], "--cfg") == "configs/moby_swin_cpu.yaml"
     assert flag_value(commands["EVAL"], "--batch-size") == "32"
     assert "--trust-checkpoint" not in commands["EVAL"]
+
+
+@pytest.mark.parametrize("script", ["train_full_1p.sh", "train_performance_8p.sh"])
+@pytest.mark.parametrize("model, program", [("dino", "dino/main_dino.py"), ("moby", "moby/main_moby.py")])
+def test_profile_reaches_the_pretraining_program_only(tmp_path, script, model, program):
+    _, commands = dry_run(script, f"--model={model}", "--device=cpu", "--profile", tmp_path=tmp_path)
+    assert split_launch(commands["PRETRAIN"])[1][0] == program and commands["PRETRAIN"][-1] == "--profile"
+    assert all("--profile" not in command for key, command in commands.items() if key != "PRETRAIN")
+    _, commands = dry_run(script, f"--model={model}", "--device=cpu", tmp_path=tmp_path)
+    assert "--profile" not in commands["PRETRAIN"]
+    checkpoint = tmp_path / "w.pth"
+    checkpoint.write_bytes(b"x")
+    done = run_script("eval_knn.sh", f"--checkpoint={checkpoint}", "--profile", "--dry_run", tmp_path=tmp_path)
+    assert done.returncode == 2 and "--profile records pretraining steps" in done.stderr
 
 
 @pytest.mark.parametrize("model, flag", [("dino", "--trust_checkpoint"), ("moby", "--trust-checkpoint")])
@@ -343,6 +358,23 @@ def test_random_init_baseline_is_measured_once_per_recipe(tmp_path, stubs, tiny_
     assert "RANDOM-INIT" not in commands
 
 
+@pytest.mark.parametrize("planted", ['"45.25\\nActualFPS = 1"', "[45.25]"])  # more: test_report.py
+def test_a_bad_random_init_cache_entry_is_measured_again(tmp_path, stubs, tiny_imagefolder, planted):
+    """A cache entry whose accuracy is not a finite number (here one with a newline, which would
+    add a second ActualFPS line to the case file) is measured again, with a note."""
+    flags = ("--device=cpu", f"--data_path={tiny_imagefolder}")
+    assert run_script("train_full_1p.sh", *flags, tmp_path=tmp_path, **stubs).returncode == 0
+    (entry,) = (tmp_path / "random-init").glob("*.json")
+    entry.write_text(entry.read_text().replace('"45.25"', planted))
+    done = run_script("train_full_1p.sh", *flags, tmp_path=tmp_path, **stubs)
+    assert done.returncode == 0, done.stdout + done.stderr
+    case = (tmp_path / "output" / "0" / "DINO_ID3436_for_PyTorch_bs64_1p_acc.log").read_text().splitlines()
+    assert sum(line.startswith("ActualFPS") for line in case) == 1 and "RandomInitAccuracy = 45.25" in case
+    assert Path(stubs["STUB_CALLS"]).read_text().count("random-init") == 2  # measured again
+    assert f"{entry} holds" in done.stderr and "not a number" in done.stderr
+    assert '"accuracy": "45.25"' in entry.read_text()  # the entry is good again
+
+
 def test_moby_full_run_on_cpu_evaluates_with_knn(tmp_path, stubs, tiny_imagefolder):
     done = run_script("train_full_1p.sh", "--model=moby", "--device=cpu",
                       f"--data_path={tiny_imagefolder}", tmp_path=tmp_path, **stubs)
@@ -382,6 +414,130 @@ def test_eval_script_starts_fresh_and_prints_the_accuracy(tmp_path, stubs, tiny_
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "Final Train Accuracy : 61.25"
     assert not stale.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reruns: the same command resumes its run; nothing the scripts write is deleted.
+
+# A pretraining stand-in that resumes as DINO does (from checkpoint.pth in its output folder) and
+# stops as it would when preempted: STUB_STOP=exit exits 143 after its checkpoint, STUB_STOP=term
+# waits for SIGTERM (its ready file tells when), then saves and exits 143.
+STUB_RESUMABLE_PRETRAIN = """\
+import argparse, os, signal, sys, time
+p = argparse.ArgumentParser(); p.add_argument("--output_dir")
+args, _ = p.parse_known_args()
+checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
+print("resumed" if os.path.isfile(checkpoint) else "started", flush=True)
+open(os.environ["STUB_CALLS"], "a").write("pretraining\\n")
+os.makedirs(args.output_dir, exist_ok=True)
+stop = os.environ.get("STUB_STOP")
+def save_and_stop(signum, frame):
+    import torch
+    torch.save({"epoch": 1, "epoch_step": 3}, checkpoint)
+    print(f"received signal {signum}", flush=True)
+    sys.exit(143)
+if stop == "term":
+    signal.signal(signal.SIGTERM, save_and_stop)
+    open(os.environ["STUB_READY"], "w").close()
+    time.sleep(120)
+if stop == "exit":
+    save_and_stop(0, None)
+open(checkpoint, "wb").write(b"final")
+print("Epoch: [1/2]  [1/2]  eta: 0:00:00  loss: 7.000000 (7.500000)  lr: 0.000002 (0.000002)")
+print("Throughput: 123.00 images/s (0.5000 s/step over 10 steps after 5 warm-up, global batch 64)")
+"""
+
+
+@pytest.fixture
+def resumable(stubs, tmp_path) -> dict:
+    path = tmp_path / "stubs" / "resumable.py"
+    path.write_text(STUB_RESUMABLE_PRETRAIN)
+    return {**stubs, "DINO_PRETRAIN": str(path), "STUB_READY": str(tmp_path / "ready")}
+
+
+def pretraining_calls(stubs: dict) -> int:
+    calls = Path(stubs["STUB_CALLS"])
+    return calls.read_text().count("pretraining") if calls.exists() else 0
+
+
+def test_a_rerun_resumes_and_keeps_the_earlier_logs(tmp_path, resumable, tiny_imagefolder):
+    flags = ("--device=cpu", f"--data_path={tiny_imagefolder}")
+    out = tmp_path / "output" / "0"
+    run_dir = out / "DINO_ID3436_for_PyTorch_bs64_1p_acc"
+    first = run_script("train_full_1p.sh", *flags, tmp_path=tmp_path, STUB_STOP="exit", **resumable)
+    assert first.returncode == 143
+    assert "rerun the same command to resume from the last checkpoint" in first.stderr
+    second = run_script("train_full_1p.sh", *flags, tmp_path=tmp_path, **resumable)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"resuming from {run_dir / 'checkpoint.pth'} (epoch 1, batch 3); --fresh to start over" in second.stdout
+    assert "resumed" in (out / "train_0.log").read_text()  # the program found its checkpoint
+    earlier = [path for path in out.glob("train_0.log.*")]  # the first attempt's log, renamed
+    assert len(earlier) == 1 and "received signal 0" in earlier[0].read_text()
+    assert "Final Train Accuracy : 55.5" in second.stdout
+    assert list(out.glob(f"{run_dir.name}.2*")) == []  # resumed in place, nothing moved aside
+
+
+def test_a_finished_run_is_kept_and_a_rerun_starts_a_new_one(tmp_path, resumable, tiny_imagefolder):
+    flags = ("--device=cpu", f"--data_path={tiny_imagefolder}")
+    out = tmp_path / "output" / "0"
+    run_dir = out / "DINO_ID3436_for_PyTorch_bs64_1p_perf"
+    assert run_script("train_performance_1p.sh", *flags, tmp_path=tmp_path, **resumable).returncode == 0
+    case_file = out / f"{run_dir.name}.log"
+    case_file.write_text(case_file.read_text() + "# first\n")
+    again = run_script("train_performance_1p.sh", *flags, tmp_path=tmp_path, **resumable)
+    assert again.returncode == 0, again.stdout + again.stderr
+    (kept,) = out.glob(f"{run_dir.name}.2*")  # the finished run, renamed with its time
+    assert (kept / "checkpoint.pth").is_file() and "it finished" in again.stdout and str(kept) in again.stdout
+    assert "started" in (out / "train_0.log").read_text()  # a new run, from scratch
+    (earlier_case,) = out.glob(f"{run_dir.name}.log.*")
+    assert earlier_case.read_text().endswith("# first\n")  # the earlier result, kept
+    assert "# first" not in case_file.read_text()
+
+
+def test_fresh_or_other_settings_move_an_unfinished_run_aside(tmp_path, resumable, tiny_imagefolder):
+    flags = ("--device=cpu", f"--data_path={tiny_imagefolder}")
+    out = tmp_path / "output" / "0"
+    name = "DINO_ID3436_for_PyTorch_bs64_1p_perf"
+    assert run_script("train_performance_1p.sh", *flags, tmp_path=tmp_path, STUB_STOP="exit", **resumable).returncode == 143
+    fresh = run_script("train_performance_1p.sh", *flags, "--fresh", tmp_path=tmp_path, **resumable)
+    assert fresh.returncode == 0 and "--fresh was given" in fresh.stdout
+    assert "started" in (out / "train_0.log").read_text()
+    assert run_script("train_performance_1p.sh", *flags, tmp_path=tmp_path, STUB_STOP="exit", **resumable).returncode == 143
+    other = run_script("train_performance_1p.sh", *flags, "--epochs=2", tmp_path=tmp_path, **resumable)
+    assert other.returncode == 0, other.stdout + other.stderr
+    assert "it was started with other settings (--epochs 1 -> 2" in other.stdout
+    # kept, renamed: the unfinished run (--fresh), the finished fresh one, the run with other settings
+    assert len(list(out.glob(f"{name}.2*"))) == 3
+
+
+def test_a_rerun_after_a_failed_evaluation_evaluates_without_pretraining_again(tmp_path, resumable,
+                                                                            tiny_imagefolder):
+    flags = ("--device=cpu", f"--data_path={tiny_imagefolder}")
+    failed = run_script("train_full_1p.sh", *flags, tmp_path=tmp_path, STUB_FAIL="1", **resumable)
+    assert failed.returncode == 3 and pretraining_calls(resumable) == 1
+    (tmp_path / "output" / "0" / "train_0.log").write_text("another case's log\n")
+    again = run_script("train_full_1p.sh", *flags, tmp_path=tmp_path, **resumable)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert pretraining_calls(resumable) == 1 and "pretraining in " in again.stdout
+    assert "Final Performance images/sec : 123.00" in again.stdout  # from the kept pretraining log
+    assert "Throughput" in (tmp_path / "output" / "0" / "train_0.log").read_text()
+
+
+def test_sigterm_reaches_the_training_which_saves_and_the_script_says_how_to_resume(tmp_path, resumable,
+                                                                                   tiny_imagefolder):
+    script = subprocess.Popen(["bash", str(TEST_DIR / "train_full_1p.sh"), "--device=cpu",
+                               f"--data_path={tiny_imagefolder}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=script_env(tmp_path, STUB_STOP="term", **resumable))
+    ready = Path(resumable["STUB_READY"])
+    for _ in range(1200):
+        if ready.exists() or script.poll() is not None:
+            break
+        time.sleep(0.05)
+    script.send_signal(signal.SIGTERM)  # to the script only, as a scheduler sends it
+    out, err = script.communicate(timeout=120)
+    assert script.returncode == 143, out + err
+    assert "rerun the same command to resume from the last checkpoint" in err
+    assert "received signal 15" in (tmp_path / "output" / "0" / "train_0.log").read_text()
 
 
 def test_setup_env_prefers_a_ready_venv_and_honours_overrides(tmp_path):
@@ -464,3 +620,70 @@ def test_dino_cpu_recipe_follows_the_runs_length(tmp_path):
     longer = pretrain_args("--epochs=3")  # the whole split, upstream's freeze and a warm-up epoch
     assert (longer.epochs, longer.max_train_images, longer.freeze_last_layer, longer.warmup_epochs) == (3, 0, 1, 1)
     assert longer.momentum_teacher == 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["dino", "moby"])
+def test_a_killed_full_run_rerun_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, model):
+    """train_full_1p.sh killed (SIGKILL to it and everything it started, as when a node goes
+    down) after its first checkpoint, then rerun with the same command. Both programs save the
+    generators and seed each sample's augmentations by (seed, epoch, index), so the resumed run
+    draws what the uninterrupted one drew: with the same thread count the weights match exactly."""
+    from conftest import make_imagefolder
+
+    from ssl_runtime.checkpoint import load_checkpoint
+    from tests.reliability_helpers import assert_same_tensors, saved_epoch_step
+
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=32)  # 12 steps of 8 images an epoch
+    flags = (f"--model={model}", "--device=cpu", "--epochs=3", "--batch_size=8", f"--data_path={data}")
+    extra = {"OMP_NUM_THREADS": "1", "SSL_RANDOM_INIT_CACHE": str(tmp_path / "random-init")}
+    network = "DINO_ID3436_for_PyTorch" if model == "dino" else "Transformer-SSL_ID3434_for_PyTorch"
+    inside = "checkpoint.pth" if model == "dino" else "*/pretrain/checkpoint.pth"
+
+    def final_checkpoint(root: Path) -> Path:
+        found = list((root / "output" / "0" / f"{network}_bs8_1p_acc").glob(inside))
+        return found[0] if found else root / "none"
+
+    reference = run_script("train_full_1p.sh", *flags, tmp_path=tmp_path / "ref", timeout=900, **extra)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+
+    script = subprocess.Popen(["bash", str(TEST_DIR / "train_full_1p.sh"), *flags], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=script_env(tmp_path / "run", **extra),
+                              start_new_session=True)
+    saved = None
+    while script.poll() is None and not (saved and saved[0] >= (1 if model == "dino" else 0)):
+        time.sleep(0.05)
+        saved = saved_epoch_step(final_checkpoint(tmp_path / "run"))
+    os.killpg(script.pid, signal.SIGKILL)
+    assert script.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    resume_at = (saved[0], 0) if model == "dino" else (saved[0] + 1, 0)  # the epoch the logs show next
+
+    rerun = run_script("train_full_1p.sh", *flags, tmp_path=tmp_path / "run", timeout=900, **extra)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    checkpoint = final_checkpoint(tmp_path / "run")
+    assert f"resuming from {checkpoint} (epoch {resume_at[0]}, batch 0)" in rerun.stdout
+    a, b = load_checkpoint(final_checkpoint(tmp_path / "ref")), load_checkpoint(checkpoint)
+    for key in ("student", "teacher", "dino_loss", "optimizer", "epoch") if model == "dino" else (
+            "model", "optimizer", "lr_scheduler", "epoch"):
+        assert_same_tensors(a[key], b[key], key)
+    accuracy = [line for line in reference.stdout.splitlines() if line.startswith("Final Train Accuracy")]
+    assert accuracy and accuracy[0] in rerun.stdout  # the same weights evaluate the same
+
+
+def test_benchmark_script_passes_its_arguments_through(tmp_path):
+    """test/benchmark.sh hands everything to ssl_runtime.launch_scripts.benchmark, which passes the
+    flags it does not know to every benchmark program (a precision flag, say)."""
+    def lines(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(TEST_DIR / "benchmark.sh"), *flags], capture_output=True, text=True,
+                              env=script_env(tmp_path), timeout=60)
+
+    done = lines("--configs=dino_cpu moby_cpu", "--steps=5", "--workers=none", "--made_up=1", "--dry_run")
+    assert done.returncode == 0, done.stderr
+    dino, moby = (line.split() for line in done.stdout.splitlines())
+    assert dino[:2] == ["python", "dino/benchmark.py"] and moby[:2] == ["python", "moby/benchmark.py"]
+    for words, name in ((dino, "dino_cpu"), (moby, "moby_cpu")):
+        assert words[-2:] == ["--bench_workers", "--made_up=1"] and flag_value(words, "--bench_steps") == "5"
+        assert flag_value(words, "--bench_json") == str(tmp_path / "output" / "benchmark" / f"{name}.json")
+    done = lines("--steps=0", "--dry_run")
+    assert done.returncode == 2 and "--steps must be a positive integer, got '0'" in done.stderr
+    assert "Configurations" in lines("--help").stdout

@@ -154,3 +154,16 @@ def test_accuracy_only_mode(tmp_path):
     done, _ = run_report(tmp_path, None, MOBY_LINEAR, extra=["--accuracy_only"])
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Final Train Accuracy : 68.35\n"
+
+
+@pytest.mark.parametrize("value, printed", [("45.25", "45.25"), ("100.0", "100.0"), (45.5, "45.5"), (7, "7"),
+                                            ("1e2", "1e2"), ("45.25\nActualFPS = 1", None), ("nan", None),
+                                            ("inf", None), (" 45.25", None), ("12 %", None), ("", None),
+                                            (True, None), ([45.25], None), (None, None), ("1_0", None)])
+def test_only_finite_numbers_pass_as_accuracies(value, printed):
+    assert report.finite_number(value) == printed
+
+
+def test_random_init_accuracy_argument_must_be_a_number(tmp_path):
+    done, case_file = run_report(tmp_path, DINO_TRAIN, DINO_KNN, extra=["--random_init_accuracy", "4\nActualFPS = 1"])
+    assert done.returncode == 2 and "is not a number" in done.stderr and not case_file.exists()
