@@ -160,7 +160,7 @@ def pretrain(config: CfgNode, ctx: DistContext, logger: logging.Logger,
     # upstream's closing line: the port's collectors (grep 'INFO Train') would take it for a step line.
     if not (stopped or last_epoch(config) < config.TRAIN.EPOCHS):
         logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-    if throughput.timed_steps:
+    if throughput.steps:  # also when all were warm-up (nan): the launch scripts say so
         logger.info(throughput.summary_line())
 
 

@@ -30,6 +30,7 @@ import argparse
 import math
 import platform
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +175,9 @@ def write_result(train_log: str | Path, network: str, rank_size: int, batch_size
                  random_init: str | None = None) -> None:
     """Print the result block of a run and write its case file (and loss file)."""
     train = parse_train_log(train_log)
+    if train.images_per_sec.lower() == "nan":
+        print("note: no FPS: the run ended within its warm-up steps, so no step was timed; "
+              "run more steps (e.g. --steps=20) for a figure", file=sys.stderr, flush=True)
     accuracy = parse_accuracy(eval_log) if eval_log else None
     print("\n".join(result_lines(train, accuracy, e2e_seconds, random_init)), flush=True)
     out_file = Path(out_file)

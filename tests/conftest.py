@@ -89,17 +89,18 @@ def pytest_sessionstart(session):
     """Register the emulated NPU devices before any test runs a backward pass: torch's autograd
     engine sizes its per-device queues once, at its first backward, from the devices registered
     then, and a device added later fails its first backward (INTERNAL ASSERT device_ready_queues_).
-    Only the device is registered here; torch_npu and torch.npu come with the fixture below."""
+    torch.npu comes with the device, as with the real torch_npu: once an accelerator is registered,
+    torch (2.14's optimizers, torch.accelerator) asks for its device module. The torch_npu double
+    is imported here and then hidden: `import torch_npu` finds it only in tests that use the fixture
+    below, so the product's NPU detection sees no torch_npu elsewhere."""
     sys.path.insert(0, str(DOUBLES))
     try:
-        import npu_emulator
-        if torch._C._get_privateuse1_backend_name() != "npu":
-            torch.utils.rename_privateuse1_backend("npu")  # as torch_npu does at import
-        npu_emulator.load()
+        importlib.import_module("torch_npu")
     except RuntimeError as exc:  # no compiler: the tests that need the device fail with this
         _EMULATOR_ERROR.append(exc)
     finally:
         sys.path.remove(str(DOUBLES))
+        _hide_torch_npu()
 
 
 _EMULATOR_ERROR: list = []
@@ -117,6 +118,11 @@ def fake_torch_npu(monkeypatch):
         sys.modules.update(_TORCH_NPU_MODULES)
     module = importlib.import_module("torch_npu")
     yield module
+    _hide_torch_npu()
+
+
+def _hide_torch_npu() -> None:
+    """Take the torch_npu double out of sys.modules, kept for the next fake_torch_npu."""
     for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
         module = sys.modules.pop(name)
         if module is not None:  # None: a test's stand-in for a broken install

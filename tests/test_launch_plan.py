@@ -204,6 +204,16 @@ def test_plan_of_a_moby_npu_run(tmp_path, tiny_imagefolder):
     assert run.launcher == ["py", "-m", "ssl_runtime.launch", "--nproc_per_node=8"]
 
 
+@pytest.mark.parametrize("epochs, warmup", [("2", ["--warmup_epochs", "1"]), ("9", ["--warmup_epochs", "1"]),
+                                            ("10", []), ("", [])])
+def test_short_dino_accelerator_runs_scale_upstreams_warmup(tmp_path, epochs, warmup):
+    """main_dino.py refuses upstream's 10 warm-up epochs in a shorter run: fewer epochs get its ratio."""
+    flags = [f"--epochs={epochs}"] if epochs else []
+    command = plan(tmp_path, "--device=npu", "--dry_run", *flags).commands.pretrain
+    found = command[command.index("--warmup_epochs"):][:2] if "--warmup_epochs" in command else []
+    assert found == warmup
+
+
 def test_plan_of_two_nodes(tmp_path):
     with pytest.raises(UserError, match="2 nodes need the address of node 0"):
         plan(tmp_path, "--device=cpu", "--nnodes=2", nproc=8)

@@ -82,6 +82,10 @@ def test_steps_and_max_epochs_limit_the_run(tiny_imagefolder, tmp_path, capsys):
     assert "Train: [0/5][2/3]" in out and "Train: [1/5]" not in out
     assert sorted(p.name for p in run_dir(tmp_path / "b").glob("ckpt_*")) == ["ckpt_epoch_0.pth"]
 
+    # one step is all warm-up: the Throughput line still comes (nan), so the launch scripts can say why
+    main_moby.main(pretrain_args(tiny_imagefolder, tmp_path / "c", "--steps", "1", "--epochs", "5"))
+    assert "Throughput: nan images/s (nan s/step over 0 steps after 1 warm-up" in capsys.readouterr().out
+
 
 @pytest.mark.parametrize("cfg,opts", [
     ("moby_deit_cpu.yaml", ["MODEL.DEIT.EMBED_DIM", "24", "MODEL.DEIT.DEPTH", "1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,18 @@ def test_missing_throughput_line_fails_naming_the_log(tmp_path):
     assert done.returncode == 2
     assert "Throughput" in done.stderr and str(tmp_path / "train.log") in done.stderr
     assert not case_file.exists()
+
+
+def test_a_run_within_its_warmup_says_why_it_has_no_fps(tmp_path):
+    untimed = re.sub(r"Throughput: .*", "Throughput: nan images/s (nan s/step over 0 steps after 1 warm-up, "
+                     "global batch 64)", DINO_TRAIN)
+    done, case_file = run_report(tmp_path, untimed, DINO_KNN)
+    assert done.returncode == 0, done.stderr
+    assert "Final Performance images/sec : nan" in done.stdout
+    assert "no FPS: the run ended within its warm-up steps" in done.stderr
+    assert "ActualFPS = nan" in case_file.read_text()
+    done, _ = run_report(tmp_path, DINO_TRAIN, DINO_KNN)
+    assert "no FPS" not in done.stderr
 
 
 def test_missing_accuracy_line_fails_naming_the_log(tmp_path):

@@ -58,14 +58,23 @@ def dino_cpu_args(epochs: int) -> list[str]:
     trains on a fixed 50,000-image subset and does not freeze the last layer (upstream freezes 1
     epoch of 100, not the whole run); measured: 10-NN teacher 66.5 % against 56.1 % at random
     initialisation. --epochs=3 trains on the whole split (~25 min; 20-NN teacher ~69.5 %).
-    Warm-up: upstream's ratio (10 of 100 epochs), at least 1 epoch when there are several.
+    Warm-up: upstream's ratio (see dino_warmup_epochs).
     """
-    warmup = max(epochs // 10, 1 if epochs > 1 else 0)
+    warmup = dino_warmup_epochs(epochs)
     subset, freeze = (50000, 0) if epochs == 1 else (0, 1)
     return ["--arch", "vit_pico", "--patch_size", "4", "--img_size", "32", "--local_crop_size", "16",
             "--local_crops_number", "2", "--out_dim", "4096", "--use_bn_in_head", "true", "--lr", "1e-3",
             "--momentum_teacher", "0.99", "--max_train_images", str(subset), "--freeze_last_layer",
             str(freeze), "--warmup_epochs", str(warmup)]
+
+
+def dino_warmup_epochs(epochs: int) -> int:
+    """Upstream's warm-up ratio (10 of 100 epochs), at least 1 epoch when there are several."""
+    return max(epochs // 10, 1 if epochs > 1 else 0)
+
+
+# upstream main_dino.py's --warmup_epochs default: a run of fewer epochs scales it (see pretrain_command)
+DINO_UPSTREAM_WARMUP = 10
 
 
 # The matching architecture flags for dino/eval_knn.py and dino/eval_linear.py.
@@ -206,6 +215,9 @@ def pretrain_command(s: Settings, perf: bool, binary: str, profile: bool,
                    str(s.BATCH_SIZE), "--epochs", str(s.EPOCHS), "--device", s.DEVICE, *recipe, *npu]
         if perf and not _contains(recipe, DINO_PERF_ARGS):  # the perf schedule wins over the recipe's
             command += DINO_PERF_ARGS
+        elif s.DEVICE != "cpu" and s.EPOCHS < DINO_UPSTREAM_WARMUP:
+            # upstream's 10 warm-up epochs do not fit a shorter run (main_dino.py refuses it): its ratio
+            command += ["--warmup_epochs", str(dino_warmup_epochs(s.EPOCHS))]
         steps_flag, data_flag = "--num_steps", "--data_path"
     else:
         command = [entry_point("MOBY_PRETRAIN", env), "--cfg", s.CFG, "--batch-size", str(s.BATCH_SIZE),
