@@ -684,6 +684,13 @@ def test_benchmark_script_passes_its_arguments_through(tmp_path):
     for words, name in ((dino, "dino_cpu"), (moby, "moby_cpu")):
         assert words[-2:] == ["--bench_workers", "--made_up=1"] and flag_value(words, "--bench_steps") == "5"
         assert flag_value(words, "--bench_json") == str(tmp_path / "output" / "benchmark" / f"{name}.json")
+    precisions = [lines("--configs=b d", *flags, "--dry_run").stdout.split("\n")[:2]
+                  for flags in ((), ("--precision=fp32,bf16",), ("--amp",))]
+    def given(words: list[str]) -> str | None:
+        return flag_value(words, "--bench_precision") if "--bench_precision" in words else None
+    assert [[given(line.split()) for line in pair] for pair in precisions] == [
+        [None, None], ["fp32,bf16"] * 2, ["auto"] * 2]  # the programs' default: fp32 and auto
+    assert not any("--use_fp16" in line or "--amp-opt-level" in line for pair in precisions for line in pair)
     done = lines("--steps=0", "--dry_run")
     assert done.returncode == 2 and "--steps must be a positive integer, got '0'" in done.stderr
     assert "Configurations" in lines("--help").stdout

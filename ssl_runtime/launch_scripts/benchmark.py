@@ -4,7 +4,8 @@ Prints one line per figure and writes test/output/benchmark/<name>.json.
 
   bash test/benchmark.sh                       # the small CPU configurations (minutes on 2 cores)
   bash test/benchmark.sh --configs="a b c d"   # the upstream comparison set (about 10 minutes)
-  bash test/benchmark.sh --configs=vits16 --device=cuda --amp --compile --steps=50
+  bash test/benchmark.sh --configs="b d"           # fp32 and the automatic precision side by side
+  bash test/benchmark.sh --configs=vits16 --device=cuda --precision=fp16,bf16 --compile --steps=50
 
 Configurations (batch per device; --batch_size= overrides):
   dino_cpu  DINO vit_pico/4, 2x32 + 2x16, out_dim 4096, BN head, batch 64 (the CPU recipe)
@@ -15,9 +16,12 @@ Configurations (batch per device; --batch_size= overrides):
   d         MoBY Swin 32 px, patch 2, window 4, C48, depths 2-2-2, queue 4096, batch 64
   vits16    DINO vit_small/16, 2x224 + 10x96 (upstream's full recipe), batch 64
   swin_t    MoBY Swin-T 224 (configs/moby_swin_tiny.yaml), batch 64
+Every configuration times its step once per precision: --precision=LIST (default fp32,auto;
+  from fp32, auto, bf16, fp16). auto is the mixed precision a training run uses on the device
+  (CPU: bf16 where the CPU has native bf16, else fp32; NPU/GPU: fp16). --amp is --precision=auto.
 Other flags: --device=auto|cpu|cuda|npu  --steps=N (timed steps, default 10)  --warmup=N (3)
   --workers="0 2" (data-pipeline worker counts; default: 0 and the run's own; none: skip)
-  --amp  --compile  --output=DIR  --dry_run
+  --compile  --output=DIR  --dry_run
 Any other flag goes to every benchmark program as it is (e.g. a flag of dino/benchmark.py and
 moby/benchmark.py), which stops with its own message when it does not know it.
 
@@ -61,7 +65,7 @@ class Options:
     batch_size: str = ""
     output: Path = field(default_factory=lambda: Path(os.environ.get("SSL_TEST_OUTPUT") or REPO / "test" / "output")
                          / "benchmark")
-    amp: bool = False
+    precision: str = ""  # the programs' default (fp32,auto) when empty
     compile: bool = False
     dry_run: bool = False
     passed_on: list[str] = field(default_factory=list)
@@ -75,11 +79,14 @@ def parse(argv: list[str]) -> Options:
     o = Options()
     for arg in argv:
         name, has_value, value = arg.partition("=")
-        if has_value and name in ("--configs", "--device", "--steps", "--warmup", "--workers", "--batch_size"):
+        if has_value and name in ("--configs", "--device", "--steps", "--warmup", "--workers", "--batch_size",
+                                  "--precision"):
             setattr(o, name[2:], value.split() if name == "--configs" else value)
         elif has_value and name == "--output":
             o.output = Path(value)
-        elif arg in ("--amp", "--compile", "--dry_run"):
+        elif arg == "--amp":  # earlier versions' switch: the mixed precision a run would use
+            o.precision = "auto"
+        elif arg in ("--compile", "--dry_run"):
             setattr(o, arg[2:], True)
         else:
             o.passed_on.append(arg)
@@ -95,16 +102,18 @@ def command(o: Options, name: str) -> list[str]:
     """The benchmark program of a configuration with its flags (without the interpreter)."""
     program, flags = CONFIGS[name]
     batch = o.batch_size or str(SMALL_BATCH.get(name, 64))
+    # the precision is --bench_precision's (the programs' own default: fp32 and auto side by side)
+    precision = ["--bench_precision", o.precision] if o.precision else []
     if program.startswith("dino/"):
-        common = ["--use_fp16", str(o.amp).lower(), "--compile", str(o.compile).lower()]
+        common = ["--compile", str(o.compile).lower()]
         batch_flag = ["--batch_size_per_gpu", batch]
     else:
-        common = ["--amp-opt-level", "O1" if o.amp else "O0"] + (["--compile"] if o.compile else [])
+        common = ["--compile"] if o.compile else []
         batch_flag = ["--batch-size", batch]
     workers = [] if not o.workers else ["--bench_workers"] + ([] if o.workers == "none" else o.workers.split())
     return [program, *flags.split(), *common, *batch_flag, "--device", o.device, "--bench_steps", o.steps,
             "--bench_warmup", o.warmup, "--bench_name", name, "--bench_json", str(o.output / f"{name}.json"),
-            *workers, *o.passed_on]
+            *precision, *workers, *o.passed_on]
 
 
 def main(argv: list[str] | None = None) -> None:
