@@ -141,6 +141,7 @@ def test_launch_script_lists_the_comparison_set():
     assert "--batch_size_per_gpu 8" in lines[0] and "--batch_size_per_gpu 64" in lines[1]
     assert "configs/moby_swin_tiny.yaml" in lines[2] and "--batch-size 8" in lines[2]
     assert "configs/moby_swin_cpu.yaml" in lines[3] and "--batch-size 64" in lines[3]
+    assert "MODEL.MOBY.CONTRAST_NUM_NEGATIVE 4096" in lines[3]  # upstream's queue, as compared
     bad = subprocess.run(["bash", "test/benchmark.sh", "--configs=zz", "--dry_run"], cwd=REPO,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown configuration 'zz'" in bad.stderr
