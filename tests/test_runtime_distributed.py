@@ -134,17 +134,24 @@ print(seen, flush=True)
 """
 
 
-def test_shutdown_does_not_hang_on_a_collective_the_backend_still_holds(tmp_path):
-    script = tmp_path / "late_release_rank.py"
-    script.write_text(LATE_RELEASE_RANK)
-    ranks = start_ranks([sys.executable, str(script)])
+def run_two_ranks(cmd: list[str], hang: str) -> list[str]:
+    """Both ranks' output; fails with `hang` when one does not end, or when one exits non-zero."""
+    ranks = start_ranks(cmd)
     try:
         outs = ["".join(rank.communicate(timeout=120)) for rank in ranks]
     except subprocess.TimeoutExpired:
         for rank in ranks:
             rank.kill()
-        pytest.fail("a rank hung in shutdown() behind a collective its backend still held")
+        pytest.fail(hang)
     assert [rank.returncode for rank in ranks] == [0, 0], outs
+    return outs
+
+
+def test_shutdown_does_not_hang_on_a_collective_the_backend_still_holds(tmp_path):
+    script = tmp_path / "late_release_rank.py"
+    script.write_text(LATE_RELEASE_RANK)
+    outs = run_two_ranks([sys.executable, str(script)],
+                         hang="a rank hung in shutdown() behind a collective its backend still held")
     assert "{'held_after_the_call': True, 'freed_after_shutdown': True}" in outs[0], outs[0]
 
 
@@ -245,12 +252,5 @@ if order == "dropped_after":
 def test_shutdown_ends_the_group_threads_whatever_the_job_still_holds(tmp_path, order):
     script = tmp_path / "teardown_rank.py"
     script.write_text(TEARDOWN_RANK)
-    ranks = start_ranks([sys.executable, str(script), order])
-    try:
-        outs = ["".join(rank.communicate(timeout=120)) for rank in ranks]
-    except subprocess.TimeoutExpired:
-        for rank in ranks:
-            rank.kill()
-        pytest.fail("a rank hung at teardown")
-    assert [rank.returncode for rank in ranks] == [0, 0], outs
+    outs = run_two_ranks([sys.executable, str(script), order], hang="a rank hung at teardown")
     assert all("{'group_threads_left': 0}" in out for out in outs), outs
