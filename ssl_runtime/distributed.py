@@ -215,9 +215,17 @@ def check_collective_tensor(tensor: torch.Tensor, device: torch.device | None = 
     return tensor
 
 
+def _gloo_lacks(tensor: torch.Tensor) -> bool:
+    """gloo has no bfloat16 on torch 2.1 ("Invalid scalar type" from the first collective of a
+    bf16 tensor, e.g. MoBY's keys under CPU bf16 autocast); such tensors travel another way."""
+    return tensor.dtype == torch.bfloat16 and dist.get_backend() == "gloo"
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place; identity at world size 1."""
     if is_dist():
+        if _gloo_lacks(tensor):  # summed in float32, rounded once
+            return tensor.copy_(all_reduce_sum_(tensor.float()))
         dist.all_reduce(_hand_over(check_collective_tensor(tensor)), op=dist.ReduceOp.SUM)
     return tensor
 
@@ -242,6 +250,8 @@ def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Concatenate equally-shaped tensors from every rank in rank order (no gradient)."""
     if not is_dist():
         return tensor
+    if _gloo_lacks(tensor):  # a gather only copies bits: bf16 travels as its bytes, exactly
+        return all_gather_cat(tensor.contiguous().view(torch.uint8), dim).view(torch.bfloat16)
     tensor = check_collective_tensor(tensor.contiguous())
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(_hand_over(parts), _hand_over(tensor))

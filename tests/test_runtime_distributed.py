@@ -44,6 +44,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     results["sum"] = dist_utils.all_reduce_sum_(torch.tensor([rank + 1.0])).item()
     results["mean"] = dist_utils.all_reduce_mean_(torch.tensor([rank * 4.0])).item()
     results["cat"] = dist_utils.all_gather_cat(torch.full((2, 1), float(rank))).flatten().tolist()
+    # bf16 (MoBY's keys under CPU bf16 autocast): torch 2.1's gloo has no bfloat16
+    third = torch.tensor([1 / 3 + rank], dtype=torch.bfloat16)
+    results["cat_bf16"] = dist_utils.all_gather_cat(third)
+    results["sum_bf16"] = dist_utils.all_reduce_sum_(third.clone())
     uneven = torch.arange(rank + 1, dtype=torch.float32) + 10 * rank
     results["uneven"] = dist_utils.all_gather_uneven(uneven).tolist()
     results["objects"] = dist_utils.all_gather_object(f"r{rank}")
@@ -64,6 +68,9 @@ def test_collectives_in_a_real_two_process_gloo_group(tmp_path):
         assert r["sum"] == 3.0
         assert r["mean"] == 2.0
         assert r["cat"] == [0.0, 0.0, 1.0, 1.0]
+        bf16 = [torch.tensor([1 / 3 + k], dtype=torch.bfloat16) for k in (0, 1)]
+        assert r["cat_bf16"].dtype == torch.bfloat16 and torch.equal(r["cat_bf16"], torch.cat(bf16))
+        assert r["sum_bf16"].dtype == torch.bfloat16 and torch.equal(r["sum_bf16"], (bf16[0] + bf16[1]))
         assert r["uneven"] == [0.0, 10.0, 11.0]
         assert r["objects"] == ["r0", "r1"]
         assert r["ddp_grad"] == 1.5
