@@ -70,3 +70,14 @@ def samples_allowing_empty_classes(directory: str, class_to_idx: dict, extension
     if not samples:
         raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(class_to_idx))}")
     return samples
+
+
+def sdpa_math_only():
+    """A context in which scaled_dot_product_attention runs torch's math kernels: torch.nn.attention
+    (torch >= 2.3), else the global switches torch 2.1 keeps under torch.backends.cuda, which its
+    CPU kernel choice reads too (its CPU flash attention's bf16 backward crashed: double free)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
+    return sdpa_kernel([SDPBackend.MATH])
