@@ -342,7 +342,7 @@ def test_huaweis_flags_are_accepted_or_ignored_with_a_note(tmp_path, tiny_imagef
     """Every flag of Huawei's DINO / Transformer-SSL scripts: --data_path, --conda_name, --bin and
     --more_path1, and --device_id (as ASCEND_DEVICE_ID) of other ModelZoo scripts."""
     done = run_script("train_performance_1p.sh", f"--data_path={tiny_imagefolder}", "--conda_name=pt", "--bin=False",
-                      "--more_path1=/root/xcit", "--device_id=3", "--device=npu", "--dry_run", tmp_path=tmp_path)
+                      f"--more_path1={tmp_path / 'xcit'}", "--device_id=3", "--device=npu", "--dry_run", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "--more_path1 is accepted for compatibility and ignored" in done.stderr
     assert "conda environment 'pt' not activated" in done.stderr  # a dry run activates nothing
