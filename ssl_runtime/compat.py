@@ -72,12 +72,22 @@ def samples_allowing_empty_classes(directory: str, class_to_idx: dict, extension
     return samples
 
 
-def sdpa_math_only():
-    """A context in which scaled_dot_product_attention runs torch's math kernels: torch.nn.attention
-    (torch >= 2.3), else the global switches torch 2.1 keeps under torch.backends.cuda, which its
-    CPU kernel choice reads too (its CPU flash attention's bf16 backward crashed: double free)."""
+def _math_sdpa_switch():
+    """torch.nn.attention's kernel switch (torch >= 2.3), else the global switches torch 2.1 keeps
+    under torch.backends.cuda, which its CPU kernel choice reads too. Looked up once: the context
+    is entered at every training step."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
-        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
-    return sdpa_kernel([SDPBackend.MATH])
+        return lambda: torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True,
+                                                      enable_mem_efficient=False)
+    return lambda: sdpa_kernel([SDPBackend.MATH])
+
+
+_MATH_SDPA = _math_sdpa_switch()
+
+
+def sdpa_math_only():
+    """A context in which scaled_dot_product_attention runs torch's math kernels (torch 2.1's CPU
+    flash attention's bf16 backward crashed: double free)."""
+    return _MATH_SDPA()
