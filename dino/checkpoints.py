@@ -18,7 +18,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ssl_runtime.checkpoint import add_trust_arg, load_checkpoint, load_state_dict_checked, strip_prefixes
+from ssl_runtime.checkpoint import (add_trust_arg, is_state_dict, load_checkpoint, load_state_dict_checked,
+                                     require_state_dict, strip_prefixes)
 from ssl_runtime.errors import UserError
 from ssl_runtime.timm_interop import create_timm_baseline, timm_model_name
 
@@ -28,10 +29,6 @@ WRAPPER_PREFIXES = ("module.", "backbone.")
 HEAD_PREFIX = "head."
 
 
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
 def select_state_dict(checkpoint: Mapping, checkpoint_key: str | None, source: str) -> dict:
     """The tensors to load: checkpoint[checkpoint_key] for a full checkpoint, else the file itself."""
     if checkpoint_key and checkpoint_key in checkpoint:
@@ -39,7 +36,7 @@ def select_state_dict(checkpoint: Mapping, checkpoint_key: str | None, source: s
         state = checkpoint[checkpoint_key]
     else:
         state = checkpoint
-    if not _is_state_dict(state):
+    if not is_state_dict(state):
         keys = ", ".join(sorted(str(k) for k in checkpoint)[:10])
         raise UserError(f"{source} is neither a state dict nor holds --checkpoint_key "
                         f"{checkpoint_key!r} (its top-level keys: {keys}); pass --checkpoint_key "
@@ -90,6 +87,8 @@ def load_pretrained_backbone(model: nn.Module, path: str, checkpoint_key: str | 
 
 def load_training_state(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """Load a whole student/teacher (backbone + head) saved with or without a DDP `module.` prefix."""
+    require_state_dict(state, what, "the checkpoint is damaged or not one of main_dino.py's; move it "
+                       "out of --output_dir, or choose another --output_dir")
     load_state_dict_checked(module, strip_prefixes(state, ("module.",)), what=what)
 
 

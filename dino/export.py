@@ -54,12 +54,24 @@ def fill_architecture(args: argparse.Namespace) -> None:
         checkpoint = load_checkpoint(args.pretrained_weights, trust=args.trust_checkpoint)
         stored = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
         stored = vars(stored) if isinstance(stored, argparse.Namespace) else stored or {}
+        if not isinstance(stored, Mapping):
+            raise UserError(f"the 'args' entry of {args.pretrained_weights} is a {type(stored).__name__}, "
+                            "not training arguments: pass --arch, --patch_size and --img_size")
     for name, default in DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, stored.get(name, default))
+            setattr(args, name, stored_value(stored, name, default))
     args.arch = canonical_arch(args.arch)
     if is_vit(args.arch) and args.img_size % args.patch_size:
         raise UserError(f"--patch_size {args.patch_size} does not divide --img_size {args.img_size}")
+
+
+def stored_value(stored: Mapping, name: str, default):
+    """stored[name] when it has the default's type (a str arch, int sizes), else a UserError."""
+    value = stored.get(name, default)
+    if type(value) is not type(default):  # bool is an int: compare the exact types
+        raise UserError(f"the checkpoint's training arguments give {name} = {value!r} "
+                        f"({type(value).__name__}): pass --{name} yourself")
+    return value
 
 
 def timm_spec(model, arch: str) -> TimmSpec:

@@ -18,7 +18,8 @@ import torch
 from yacs.config import CfgNode
 
 from ssl_runtime.amp import load_scaler_state
-from ssl_runtime.checkpoint import load_checkpoint, load_state_dict_checked, require_entries, save_atomic
+from ssl_runtime.checkpoint import (load_checkpoint, load_state_dict_checked, require_entries,
+                                     require_state_dict, save_atomic)
 from ssl_runtime.errors import UserError
 from ssl_runtime.resilience import rng_state
 
@@ -139,6 +140,9 @@ def resume(config: CfgNode, model: torch.nn.Module, optimizer: torch.optim.Optim
         checkpoint = read_checkpoint(config.MODEL.RESUME, config.MODEL.TRUST_CHECKPOINT)
     require_entries(checkpoint, config.MODEL.RESUME, ("model",),
                     "it is not a MoBY checkpoint: resume from checkpoint.pth or ckpt_epoch_N.pth of a run")
+    require_state_dict(checkpoint["model"], f"'model' in {config.MODEL.RESUME}",
+                       "the file is damaged or not a MoBY checkpoint: resume from checkpoint.pth or "
+                       "ckpt_epoch_N.pth of a run")
     official = is_official_checkpoint(checkpoint)
     state = from_upstream_layout(checkpoint["model"], model)
     load_state_dict_checked(model, state, f"checkpoint {config.MODEL.RESUME}")
@@ -171,7 +175,11 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str | Path, logger: lo
     as the encoder itself. `trust`: see read_checkpoint.
     """
     checkpoint = read_checkpoint(path, trust)
-    state = checkpoint.get("model", checkpoint)
+    if "model" in checkpoint:
+        state = require_state_dict(checkpoint["model"], f"'model' in {path}",
+                                   "the file is damaged or not a MoBY checkpoint")
+    else:  # a bare encoder, or something else: its tensors, and the check below says what is missing
+        state = {k: v for k, v in checkpoint.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     encoder = _encoder_part(state, prefix)
     if not encoder and "model" not in checkpoint and not any(k.startswith(ENCODER_PREFIXES) for k in state):
         encoder = dict(state)

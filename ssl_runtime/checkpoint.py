@@ -347,6 +347,29 @@ def require_entries(checkpoint, path: str | os.PathLike, keys: Iterable[str], fi
     return checkpoint
 
 
+def is_state_dict(obj) -> bool:
+    """Parameter names to tensors, as torch's load_state_dict takes them."""
+    return (isinstance(obj, Mapping) and bool(obj)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def require_state_dict(state, what: str, fix: str) -> Mapping:
+    """`state` when it is a state dict; else a UserError saying what `what` holds instead, then `fix`."""
+    if is_state_dict(state):
+        return state
+    if not isinstance(state, Mapping):
+        found = f"a {type(state).__name__}"
+    elif not state:
+        found = "an empty dict"
+    else:
+        key, value = next((k, v) for k, v in state.items()
+                          if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+        found = (f"a dict with the key {str(key)[:80]} ({type(key).__name__}), not a parameter name"
+                 if not isinstance(key, str) else
+                 f"a dict whose entry {key[:80]!r} is not a tensor but {type(value).__name__}")
+    raise UserError(f"{what} is not a state dict of tensors (it is {found}): {fix}")
+
+
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict:
     """Remove wrapper prefixes (`module.`, `backbone.`, ...) wherever they lead a key."""
     prefixes = tuple(prefixes)
@@ -370,6 +393,7 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: Mapping[str, to
     Keys of the module starting with one of `ignore_missing` may be absent (e.g. a fresh head).
     Returns the list of missing keys that were allowed.
     """
+    require_state_dict(state_dict, what, "pass a checkpoint written by this project or upstream")
     own = module.state_dict()
     ignore_missing = tuple(ignore_missing)
     missing = [k for k in own if k not in state_dict]

@@ -34,7 +34,9 @@ from moby.backbones import build_encoder
 from moby.checkpoint import from_upstream_layout, load_pretrained_encoder, to_upstream_layout
 from moby.config import config_from_checkpoint
 from moby.model import build_moby
-from ssl_runtime.checkpoint import UntrustedCheckpoint, load_checkpoint, pickle_concern, unsafe_globals
+from ssl_runtime.checkpoint import (UntrustedCheckpoint, load_checkpoint, pickle_concern, require_state_dict,
+                                    unsafe_globals)
+from ssl_runtime.errors import UserError
 from tests.conftest import run_entry_quietly
 from tests.test_moby_train import CPU_CFG, NAME, TINY
 
@@ -153,7 +155,18 @@ def test_planted_checkpoint_is_refused_by_every_entry_point(name, entry, argv, f
     assert not marker.exists()
 
 
-WRONG_FILES = {"a list": [torch.ones(2), 3], "a dict of other entries": {"weights": torch.ones(2), "step": 3}}
+WRONG_FILES = {
+    "a list": [torch.ones(2), 3],
+    "a dict of other entries": {"weights": torch.ones(2), "step": 3},
+    # every entry our readers look up, each holding the wrong kind of thing
+    "known entries of the wrong types": {
+        "model": [torch.ones(2)], "student": ["weights"], "teacher": {1: torch.ones(2)},
+        "optimizer": {}, "dino_loss": {}, "epoch": 1, "args": ["vit_pico"], "config": 3,
+        "state_dict": {"linear.weight": "w"}, "encoder.x": torch.ones(2)},
+    "training arguments of the wrong types": {
+        "args": {"arch": 5, "patch_size": "4", "img_size": 32}, "teacher": {"cls_token": 1.0},
+        "model": {"encoder.layers.0.x": 2}},
+}
 
 
 @pytest.mark.parametrize("kind", list(WRONG_FILES))
@@ -167,6 +180,18 @@ def test_a_file_holding_something_else_is_a_one_line_error(name, entry, argv, fl
         run_entry_quietly(entry, argv(path, tiny_imagefolder, tmp_path / "out"))
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err and err.startswith("error: "), err
+
+
+@pytest.mark.parametrize("state, found", [
+    ([torch.ones(1)], "it is a list"), ({}, "it is an empty dict"),
+    ({"a": torch.ones(1), "b": 2}, "it is a dict whose entry 'b' is not a tensor but int"),
+    ({"a": torch.ones(1), 3: torch.ones(1)}, "it is a dict with the key 3 (int), not a parameter name")])
+def test_require_state_dict_says_what_it_found(state, found):
+    with pytest.raises(UserError) as info:
+        require_state_dict(state, "'model' in f.pth", "the fix")
+    assert str(info.value) == f"'model' in f.pth is not a state dict of tensors ({found}): the fix"
+    good = {"a": torch.ones(1)}
+    assert require_state_dict(good, "x", "y") is good
 
 
 @pytest.mark.parametrize("entry, argv", [
