@@ -86,9 +86,10 @@ def load_pretrained_backbone(model: nn.Module, path: str, checkpoint_key: str | 
 
 
 def load_training_state(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Load a whole student/teacher (backbone + head) saved with or without a DDP `module.` prefix."""
-    require_state_dict(state, what, "the checkpoint is damaged or not one of main_dino.py's; move it "
-                       "out of --output_dir, or choose another --output_dir")
+    """Load a whole module of a training checkpoint (student, teacher, linear classifier) saved
+    with or without a DDP `module.` prefix."""
+    require_state_dict(state, what, "the checkpoint is damaged or was not written by this program; "
+                       "move it out of --output_dir, or choose another --output_dir")
     load_state_dict_checked(module, strip_prefixes(state, ("module.",)), what=what)
 
 

@@ -23,10 +23,9 @@ from torch.utils.data import Subset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from dino.augment import eval_transform, normalize_transform  # noqa: E402
-from dino.checkpoints import add_pretrained_args, build_eval_backbone, model_label  # noqa: E402
+from dino.checkpoints import add_pretrained_args, build_eval_backbone, load_training_state, model_label  # noqa: E402
 from dino.models import backbone_is_vit, canonical_arch, is_vit  # noqa: E402
-from ssl_runtime.checkpoint import (load_checkpoint, load_state_dict_checked, prepare_output_dir,  # noqa: E402
-                                    require_entries, save_atomic, strip_prefixes)
+from ssl_runtime.checkpoint import load_checkpoint, prepare_output_dir, require_entries, save_atomic  # noqa: E402
 from ssl_runtime.data import (SafeImageFolder, build_loader, check_same_classes, resolve_data_path,  # noqa: E402
                               set_loader_epoch)
 from ssl_runtime.device import add_device_arg  # noqa: E402
@@ -210,8 +209,7 @@ def restart(path: Path, classifier: nn.Module, optimizer, scheduler, trust: bool
                                  + (("optimizer", "scheduler") if optimizer is not None else ()),
                                  "it is not a linear head written by eval_linear.py; move it out of "
                                  "--output_dir, or choose another --output_dir")
-    load_state_dict_checked(classifier, strip_prefixes(checkpoint["state_dict"], ("module.",)),
-                            what=f"linear classifier in {path}")
+    load_training_state(classifier, checkpoint["state_dict"], f"linear classifier in {path}")
     if optimizer is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])

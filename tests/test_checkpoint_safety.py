@@ -162,7 +162,7 @@ WRONG_FILES = {
     "known entries of the wrong types": {
         "model": [torch.ones(2)], "student": ["weights"], "teacher": {1: torch.ones(2)},
         "optimizer": {}, "dino_loss": {}, "epoch": 1, "args": ["vit_pico"], "config": 3,
-        "state_dict": {"linear.weight": "w"}, "encoder.x": torch.ones(2)},
+        "state_dict": ["w"], "scheduler": {}, "best_acc": 0.0, "encoder.x": torch.ones(2)},
     "training arguments of the wrong types": {
         "args": {"arch": 5, "patch_size": "4", "img_size": 32}, "teacher": {"cls_token": 1.0},
         "model": {"encoder.layers.0.x": 2}},
